@@ -1,0 +1,44 @@
+"""Input checks and the normalization-group view shared by every batch-statistics norm."""
+import torch
+
+
+def check_input(layer, x: torch.Tensor) -> None:
+    """Raise a one-line error naming the layer when `x` is not (N, C, H, W) with C = num_features."""
+    if x.dim() != 4:
+        raise ValueError(f"{layer_label(layer)}: expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    if x.shape[1] != layer.num_features:
+        raise ValueError(
+            f"{layer_label(layer)}: input has {x.shape[1]} channels, the layer was built for {layer.num_features}"
+        )
+
+
+def group_view(layer, x: torch.Tensor, norm_batch: int | None) -> torch.Tensor:
+    """View x (N, C, H, W) as (G, b, C, H*W): G consecutive normalization groups of b samples each.
+
+    Raises a one-line error when b does not divide N, or when a group has a single value per channel
+    (its variance would be zero and the normalization meaningless).
+    """
+    n, c, h, w = x.shape
+    b = n if norm_batch is None else norm_batch
+    if n % b != 0:
+        raise ValueError(
+            f"{layer_label(layer)}: norm_batch={b} does not divide the batch of {n} samples; "
+            f"use a divisor of {n}"
+        )
+    if b * h * w == 1:
+        raise ValueError(
+            f"{layer_label(layer)}: norm_batch={b} on {h}x{w} feature maps gives one value per channel "
+            f"(zero variance); use norm_batch >= 2 or a larger input"
+        )
+    return x.reshape(n // b, b, c, h * w)
+
+
+def layer_label(layer) -> str:
+    """`ClassName 'model.path'` when the model named its layers (see `name_norm_layers`), else the class."""
+    name = getattr(layer, "layer_name", None)
+    return f"{type(layer).__name__} '{name}'" if name else type(layer).__name__
+
+
+def per_sample(t: torch.Tensor, norm_batch: int) -> torch.Tensor:
+    """Expand a (G, C) per-group statistic to (N, C, 1, 1), keeping x's own shape and memory format."""
+    return t.repeat_interleave(norm_batch, dim=0)[:, :, None, None]

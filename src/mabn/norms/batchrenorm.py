@@ -1,0 +1,78 @@
+"""Batch Renormalization (Ioffe, 2017) with ghost batches and an iteration-driven r/d schedule."""
+import torch
+from torch import nn
+
+from ._groups import check_input, group_view, per_sample
+
+
+class BatchRenorm2d(nn.Module):
+    """y = gamma ((x - mu_B) / sigma_B * r + d) + beta with r, d clipped and gradient-stopped.
+
+    r = clip(sigma_B / sigma, 1/r_max, r_max), d = clip((mu_B - mu) / sigma, -d_max, d_max), where
+    mu and sigma are the running statistics (momentum 0.01). r_max and d_max stay at 1 and 0 for the
+    first `t0` iterations (plain BN), then grow linearly to `r_max_final` over `r_ramp` iterations
+    and to `d_max_final` over `d_ramp` iterations. Each normalization group of `norm_batch` samples
+    uses the running statistics as they were before this forward; they then move once towards the
+    mean of the groups' statistics.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        norm_batch: int | None = None,
+        eps: float = 1e-5,
+        momentum: float = 0.01,
+        t0: int = 5000,
+        r_ramp: int = 40000,
+        d_ramp: int = 25000,
+        r_max_final: float = 3.0,
+        d_max_final: float = 5.0,
+    ):
+        super().__init__()
+        self.num_features, self.norm_batch, self.eps, self.momentum = num_features, norm_batch, eps, momentum
+        self.t0, self.r_ramp, self.d_ramp = t0, max(r_ramp, 1), max(d_ramp, 1)
+        self.r_max_final, self.d_max_final = r_max_final, d_max_final
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_std", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def clip_limits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r_max, d_max) at the current iteration counter (a tensor: no host sync on GPU)."""
+        since = (self.num_batches_tracked - self.t0).to(self.running_std.dtype)
+        r_max = 1 + (self.r_max_final - 1) * (since / self.r_ramp).clamp(0, 1)
+        d_max = self.d_max_final * (since / self.d_ramp).clamp(0, 1)
+        return r_max, d_max
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x)
+        if not self.training:
+            scale, shift = self.eval_affine()
+            return x * scale[:, None, None] + shift[:, None, None]
+        groups = group_view(self, x, self.norm_batch)
+        self.num_batches_tracked.add_(1)
+        var, mean = torch.var_mean(groups, dim=(1, 3), unbiased=False)  # (G, C)
+        std = torch.sqrt(var + self.eps)
+        with torch.no_grad():
+            r_max, d_max = self.clip_limits()
+            r = torch.minimum(torch.maximum(std / self.running_std, 1 / r_max), r_max)
+            d = torch.minimum(torch.maximum((mean - self.running_mean) / self.running_std, -d_max), d_max)
+        b = groups.shape[1]
+        y = (x - per_sample(mean, b)) / per_sample(std, b) * per_sample(r, b) + per_sample(d, b)
+        y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        with torch.no_grad():
+            self.running_mean.lerp_(mean.mean(0), self.momentum)
+            self.running_std.lerp_(std.mean(0), self.momentum)
+        return y
+
+    def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, shift) per channel of the eval-mode op y = scale * x + shift."""
+        scale = self.weight / self.running_std
+        return scale, self.bias - self.running_mean * scale
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, norm_batch={self.norm_batch}, eps={self.eps}, momentum={self.momentum}, "
+            f"t0={self.t0}, r_ramp={self.r_ramp}, d_ramp={self.d_ramp}"
+        )

@@ -1,0 +1,20 @@
+"""Group normalization: statistics per sample, independent of the batch size."""
+from torch import nn
+
+
+class GroupNorm2d(nn.GroupNorm):
+    """`torch.nn.GroupNorm` taking the channel count first, like every norm of the factory.
+
+    `norm_batch` is accepted so that one config drives every norm, and ignored: GN has no batch
+    statistics. Uses min(num_groups, C) groups so that narrow CPU models work.
+    """
+
+    def __init__(self, num_features: int, norm_batch: int | None = None, num_groups: int = 32, eps: float = 1e-5):
+        groups = min(num_groups, num_features)
+        if num_features % groups != 0:
+            raise ValueError(
+                f"GroupNorm2d: {num_features} channels cannot be split into {groups} groups; "
+                f"use a num_groups that divides {num_features}"
+            )
+        super().__init__(groups, num_features, eps=eps)
+        self.num_features = num_features
