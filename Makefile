@@ -1,0 +1,67 @@
+# mabn: `make train` and `make test` set everything up on a fresh machine (a .venv beside this file).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+# Training knobs, mapped onto Hydra overrides (anything else: ARGS="key=value ...").
+NORM ?=
+BS ?=
+EXP ?=
+RESUME ?=
+ARGS ?=
+GPUS ?= 1
+NODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+# Sweep axes for `make sweep`.
+NORMS ?= bn,brn,gn,mabn
+BATCHES ?= 2,32
+SWEEP_ARGS ?= schedule.epochs=2
+
+OVERRIDES := $(if $(EXP),experiment=$(EXP)) $(if $(NORM),norm=$(NORM)) $(if $(BS),data.batch_per_gpu=$(BS)) \
+             $(if $(RESUME),train.resume=$(RESUME)) $(ARGS)
+ifeq ($(GPUS)-$(NODES),1-1)
+LAUNCH := $(PY) -m mabn.train
+else
+LAUNCH := $(PY) scripts/launch.py --gpus $(GPUS) --nodes $(NODES) --node-rank $(NODE_RANK) \
+          --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT) --
+endif
+
+.PHONY: help install train sweep test test-slow bench tensorboard data clean-venv
+
+help:
+	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8] [RESUME=path] [ARGS='k=v ...']"
+	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
+	@echo "make test | make test-slow | make bench | make tensorboard"
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+train: $(INSTALLED)
+	$(LAUNCH) $(OVERRIDES)
+
+sweep: $(INSTALLED)
+	$(PY) -m mabn.train --multirun norm=$(NORMS) data.batch_per_gpu=$(BATCHES) $(SWEEP_ARGS) $(ARGS)
+
+data: $(INSTALLED)
+	$(PY) scripts/make_shapes_dataset.py
+
+test: $(INSTALLED)
+	$(PY) -m pytest -q
+
+test-slow: $(INSTALLED)
+	$(PY) -m pytest -q -m slow
+
+tensorboard: $(INSTALLED)
+	$(VENV)/bin/tensorboard --logdir outputs
+
+clean-venv:
+	rm -rf $(VENV)

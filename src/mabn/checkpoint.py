@@ -1,0 +1,100 @@
+"""Checkpoints: atomic writes, the last K kept plus the best, and loading that falls back past a bad file.
+
+A checkpoint is a plain dict of tensors and Python values (so `torch.load(weights_only=True)`
+reads it): model, optimizer, AMP scaler, RNG states, epoch and batch position, and the run's
+config as YAML.
+"""
+import logging
+import os
+import pathlib
+import random
+import re
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+
+
+def atomic_save(obj, path: pathlib.Path) -> None:
+    """Write to a temp file in the same folder, fsync, rename over `path`: a reader never sees half a file."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> dict:
+    mt_name, mt_keys, mt_pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"keys": torch.from_numpy(mt_keys.copy()), "pos": mt_pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy(), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+class CheckpointDir:
+    """`<run_dir>/checkpoints/step-<global step>.pt` (the last `keep`) and `best.pt`."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep: int = 3):
+        self.dir = pathlib.Path(run_dir) / "checkpoints"
+        self.keep = max(1, keep)
+
+    def step_files(self) -> list[pathlib.Path]:
+        """Step checkpoints, newest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := STEP_FILE.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, state: dict, step: int, is_best: bool = False) -> pathlib.Path:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"step-{step:08d}.pt"
+        atomic_save(state, path)
+        if is_best:
+            atomic_save(state, self.dir / "best.pt")
+        for old in self.step_files()[self.keep :]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load_latest(self, map_location="cpu") -> tuple[dict, pathlib.Path] | tuple[None, None]:
+        """The newest checkpoint that loads; a broken one is reported and the one before it is tried."""
+        for path in self.step_files():
+            try:
+                return load(path, map_location), path
+            except Exception as err:  # truncated, corrupt or foreign file: fall back to the previous one
+                log.warning("checkpoint %s cannot be loaded (%s: %s); trying the previous one", path, type(err).__name__, err)
+        return None, None
+
+
+def load(path: str | os.PathLike, map_location="cpu") -> dict:
+    state = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise ValueError(f"{path} is not a mabn training checkpoint (no model/config entries)")
+    return state

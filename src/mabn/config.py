@@ -1,0 +1,88 @@
+"""Config invariants checked before any work, and the translation of config groups into builder arguments."""
+import os
+import pathlib
+
+from omegaconf import DictConfig, OmegaConf
+
+BATCH_STAT_NORMS = ("bn", "brn", "mabn")  # norms whose statistics come from a normalization batch
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message is one line naming the key, the value and what is valid."""
+
+
+def validate(cfg: DictConfig, world_size: int = 1) -> None:
+    """Raise ConfigError on the first invalid value (before data, model or output is touched)."""
+    n = cfg.data.batch_per_gpu
+    if not isinstance(n, int) or n <= 0:
+        raise ConfigError(f"data.batch_per_gpu={n!r} must be a positive integer (make train BS=32)")
+    b = cfg.norm.norm_batch
+    if not isinstance(b, int) or b <= 0:
+        raise ConfigError(f"norm.norm_batch={b!r} must be a positive integer dividing data.batch_per_gpu={n}")
+    if n % b != 0:
+        divisors = [d for d in range(1, n + 1) if n % d == 0]
+        raise ConfigError(f"norm.norm_batch={b} does not divide data.batch_per_gpu={n}; valid: {divisors}")
+    if b != n and cfg.norm.name not in BATCH_STAT_NORMS:
+        raise ConfigError(
+            f"norm.norm_batch={b} differs from data.batch_per_gpu={n}, but norm '{cfg.norm.name}' has no "
+            f"normalization batch; ghost batches apply to {', '.join(BATCH_STAT_NORMS)}"
+        )
+    accum = cfg.train.grad_accum
+    if not isinstance(accum, int) or accum <= 0:
+        raise ConfigError(f"train.grad_accum={accum!r} must be a positive integer")
+    total = cfg.train.get("total_batch")
+    if total is not None and total != n * world_size * accum:
+        raise ConfigError(
+            f"train.total_batch={total} but data.batch_per_gpu={n} x {world_size} processes x "
+            f"train.grad_accum={accum} = {n * world_size * accum}; change one of them"
+        )
+    if cfg.schedule.epochs <= 0:
+        raise ConfigError(f"schedule.epochs={cfg.schedule.epochs!r} must be positive")
+    if cfg.train.nan_policy not in ("stop", "skip"):
+        raise ConfigError(f"train.nan_policy={cfg.train.nan_policy!r} is not valid; valid: stop, skip")
+    resume = str(cfg.train.resume)
+    if resume not in ("auto", "never") and not pathlib.Path(resume).is_file():
+        raise ConfigError(f"train.resume={resume!r} is not a checkpoint file; valid: auto, never, or a path to a .pt file")
+
+
+def check_writable(run_dir: str | os.PathLike) -> None:
+    path = pathlib.Path(run_dir)
+    probe = path / ".write-test"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"output dir {str(path)!r} is not writable ({err.strerror}); set output_root to a writable folder")
+
+
+def sgd_batch(cfg: DictConfig, world_size: int) -> int:
+    return cfg.data.batch_per_gpu * world_size * cfg.train.grad_accum
+
+
+def norm_kwargs(norm_cfg: DictConfig, total_iters: int) -> dict:
+    """Keyword arguments of `build_norm` for this norm config.
+
+    BRN's schedule is configured as fractions of the run's total iterations (`*_frac` keys), so
+    short runs get a proportional schedule; they become iteration counts here.
+    """
+    kwargs = dict(OmegaConf.to_container(norm_cfg.get("options", {}), resolve=True))
+    for key in [k for k in kwargs if k.endswith("_frac")]:
+        kwargs[key.removesuffix("_frac")] = max(1, round(kwargs.pop(key) * total_iters))
+    if norm_cfg.name in BATCH_STAT_NORMS:
+        kwargs["norm_batch"] = norm_cfg.norm_batch
+    return kwargs
+
+
+def model_kwargs(cfg: DictConfig, num_classes: int, total_iters: int) -> dict:
+    """Keyword arguments of `mabn.models.build_model` for this run."""
+    return dict(
+        arch=cfg.model.arch,
+        norm=cfg.norm.name,
+        num_classes=num_classes,
+        width=cfg.model.width,
+        stem=cfg.model.stem,
+        centered_conv=cfg.norm.get("centered_conv"),
+        zero_init_last_gamma=cfg.model.zero_init_last_gamma,
+        **norm_kwargs(cfg.norm, total_iters),
+    )

@@ -1,0 +1,86 @@
+"""Input pipelines: `build_loaders(cfg.data, ...)` returns train/val loaders whichever backend is chosen.
+
+Both backends yield `(images, labels, skipped)` batches, `skipped` counting unreadable images that
+were dropped, and map sorted class folder names to labels, so the trainer does not care which one
+it got.
+"""
+import logging
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import Iterable
+
+from torch.utils.data import DataLoader
+
+from . import shapes
+from .folder import DatasetError, SeededImageFolder, check_layout, collate_skipping_unreadable
+from .samplers import EvalSampler, TrainSampler
+from .transforms import Augmentation, torchvision_transform
+
+log = logging.getLogger(__name__)
+LOADERS = ("torchvision", "dali")
+
+
+@dataclass
+class Loaders:
+    train: Iterable
+    val: Iterable
+    train_batches: int  # batches per epoch on this rank (the last partial batch is dropped)
+    val_size: int  # images in the whole val set (all ranks together)
+    classes: list[str]
+    set_epoch: callable  # set_epoch(epoch, start_batch=0): reshuffle; skip already-trained batches
+
+
+def resolve_root(data_cfg) -> pathlib.Path:
+    """The dataset folder, generating the embedded default dataset on first use."""
+    root = pathlib.Path(os.path.expanduser(str(data_cfg.root)))
+    if data_cfg.get("generate") == "shapes" and not (root / "VERSION").is_file():
+        log.info("generating the embedded shapes dataset into %s", root)
+        shapes.generate(root, **data_cfg.get("generate_options", {}))
+    return root
+
+
+def build_loaders(data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0, device: str = "cpu") -> Loaders:
+    if data_cfg.loader not in LOADERS:
+        raise DatasetError(f"data.loader={data_cfg.loader!r} is not valid; valid: {', '.join(LOADERS)}")
+    root = resolve_root(data_cfg)
+    classes = check_layout(root)
+    aug = Augmentation.from_config(data_cfg)
+    if data_cfg.loader == "dali":
+        from .dali import build_dali_loaders, dali_unavailable_reason
+
+        reason = dali_unavailable_reason()
+        if reason is None:
+            return build_dali_loaders(root, classes, aug, data_cfg, rank, world_size, seed, device)
+        log.warning("data.loader=dali unavailable (%s); falling back to torchvision", reason)
+    return build_torchvision_loaders(root, classes, aug, data_cfg, rank, world_size, seed, device)
+
+
+def build_torchvision_loaders(root, classes, aug, data_cfg, rank, world_size, seed, device) -> Loaders:
+    train_set = SeededImageFolder(root / "train", transform=torchvision_transform(aug, train=True))
+    val_set = SeededImageFolder(root / "val", transform=torchvision_transform(aug, train=False))
+    assert train_set.classes == classes == val_set.classes
+    train_sampler = TrainSampler(train_set, rank, world_size, seed)
+    common = dict(
+        num_workers=data_cfg.workers,
+        pin_memory=device.startswith("cuda"),
+        persistent_workers=data_cfg.workers > 0,
+        collate_fn=collate_skipping_unreadable,
+    )
+    batch = data_cfg.batch_per_gpu
+    train = DataLoader(train_set, batch, sampler=train_sampler, drop_last=True, **common)
+    val = DataLoader(val_set, data_cfg.val_batch_per_gpu or batch, sampler=EvalSampler(val_set, rank, world_size), **common)
+    train_batches = len(train_sampler.shards) // batch
+    if train_batches == 0:
+        raise DatasetError(
+            f"data.batch_per_gpu={batch} exceeds the {len(train_sampler.shards)} training images per process "
+            f"in {root / 'train'}; use a smaller batch"
+        )
+
+    def set_epoch(epoch: int, start_batch: int = 0) -> None:
+        train_sampler.set_epoch(epoch, start_batch * batch)
+
+    return Loaders(train, val, train_batches, len(val_set), classes, set_epoch)
+
+
+__all__ = ["DatasetError", "LOADERS", "Loaders", "build_loaders", "check_layout", "resolve_root"]

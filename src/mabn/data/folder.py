@@ -1,0 +1,77 @@
+"""ImageNet-layout folders (`<root>/<split>/<class>/*.JPEG`): checking, and the torchvision dataset."""
+import logging
+import pathlib
+
+import torch
+from PIL import Image
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+
+class DatasetError(ValueError):
+    """A dataset folder that cannot be trained on; the message is one line naming the path."""
+
+
+def class_names(split_dir: pathlib.Path) -> list[str]:
+    """Sorted class folder names: the label of a class is its index here, for every loader."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_layout(root: str | pathlib.Path) -> list[str]:
+    """Check `root` holds `train/` and `val/` with the same non-empty class folders; return the classes."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"data.root={str(root)!r} does not exist; point it at a folder holding train/ and val/")
+    for split in ("train", "val"):
+        if not (root / split).is_dir():
+            raise DatasetError(f"data.root={str(root)!r} has no {split}/ folder; expected {root}/{split}/<class>/*.JPEG")
+    classes = {}
+    for split in ("train", "val"):
+        split_dir = root / split
+        classes[split] = class_names(split_dir)
+        if not classes[split]:
+            raise DatasetError(f"{split_dir} holds no class folders; expected {split_dir}/<class>/*.JPEG")
+        for name in classes[split]:
+            if not any(f.suffix.lower() in IMG_EXTENSIONS for f in (split_dir / name).iterdir()):
+                raise DatasetError(f"class folder {split_dir / name} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    if classes["train"] != classes["val"]:
+        only_train = sorted(set(classes["train"]) - set(classes["val"]))
+        only_val = sorted(set(classes["val"]) - set(classes["train"]))
+        raise DatasetError(
+            f"train/ and val/ of {root} have different class folders: only in train {only_train[:5]}, "
+            f"only in val {only_val[:5]}"
+        )
+    return classes["train"]
+
+
+class SeededImageFolder(ImageFolder):
+    """ImageFolder whose items are fetched as `(index, seed)`: the augmentation of a sample is seeded by
+    its own seed, so it does not depend on worker count, batch position or where a run resumed.
+
+    An unreadable image yields None (the collate function drops and counts it).
+    """
+
+    def __getitem__(self, item):
+        index, seed = item
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError) as err:
+            log.warning("skipping unreadable image %s (%s)", path, err)
+            return None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), label
+
+
+def collate_skipping_unreadable(batch):
+    """Stack the readable samples; return (images, labels, number of unreadable samples dropped)."""
+    good = [b for b in batch if b is not None]
+    skipped = len(batch) - len(good)
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    images, labels = torch.utils.data.default_collate(good)
+    return images, labels, skipped

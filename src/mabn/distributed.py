@@ -1,0 +1,81 @@
+"""The process group: detected from torchrun's (or SLURM's) environment, single process otherwise."""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(requested: str, local_rank: int) -> str:
+    if requested == "auto":
+        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"train.device={requested!r} but no CUDA device is visible; use train.device=cpu or auto")
+    return f"cuda:{local_rank}" if requested == "cuda" else requested
+
+
+def init_distributed(requested_device: str = "auto") -> DistInfo:
+    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = resolve_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+    return DistInfo(rank, world_size, local_rank, device)
+
+
+def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def running_stat_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The floating-point running statistics of every norm (what evaluation reads)."""
+    return {name: buf for name, buf in model.named_buffers() if name.rpartition(".")[2].startswith("running_")}
+
+
+class RankAveragedRunningStats:
+    """Context: running statistics replaced by their mean over ranks, restored on exit (SPEC §1)."""
+
+    def __init__(self, model: torch.nn.Module, info: DistInfo):
+        self.buffers, self.info, self.saved = running_stat_buffers(model), info, {}
+
+    def __enter__(self):
+        if self.info.enabled:
+            for name, buf in self.buffers.items():
+                self.saved[name] = buf.clone()
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(self.info.world_size)
+        return self
+
+    def __exit__(self, *exc):
+        for name, value in self.saved.items():
+            self.buffers[name].copy_(value)
+        return False
+
+
+def cleanup() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

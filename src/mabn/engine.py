@@ -1,0 +1,198 @@
+"""One training epoch and one evaluation pass, each readable top to bottom."""
+import contextlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .distributed import DistInfo, RankAveragedRunningStats, all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; the message names the step and the last good checkpoint."""
+
+
+@dataclass
+class Progress:
+    """Where a run stands; everything a checkpoint needs to continue the same run."""
+
+    epoch: int = 0  # current epoch (0-based)
+    batch: int = 0  # micro-batches of this epoch already trained on
+    step: int = 0  # optimizer steps taken in the whole run
+    best_top1_err: float = math.inf
+    skipped_nonfinite: int = 0
+    last_checkpoint: str | None = None
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass
+class StopSignal:
+    """Set by SIGTERM/SIGUSR1 (SLURM preemption): finish the step, checkpoint, exit cleanly."""
+
+    received: int | None = None
+    previous: dict = field(default_factory=dict)
+
+    def install(self) -> "StopSignal":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def uninstall(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def autocast(device: str, enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    device_type = device.split(":")[0]
+    return torch.autocast(device_type, dtype=torch.float16 if device_type == "cuda" else torch.bfloat16)
+
+
+def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
+    """Train from `progress.batch` to the end of `progress.epoch`; checkpoint on schedule and on a stop signal.
+
+    Returns the epoch's mean loss, throughput and counters; `stopped=True` if a signal cut it short.
+    """
+    cfg, info, model = job.cfg, job.info, job.model
+    accum = cfg.train.grad_accum
+    model.train()
+    job.loaders.set_epoch(progress.epoch, progress.batch)
+    bar = tqdm(
+        total=min(job.loaders.train_batches, cfg.train.max_batches_per_epoch or job.loaders.train_batches),
+        initial=progress.batch, disable=not (info.is_main and cfg.train.progress),
+        desc=f"epoch {progress.epoch + 1}/{cfg.schedule.epochs}", unit="batch", dynamic_ncols=True,
+    )
+    loss_sum, loss_count, images, skipped_images, data_time = torch.zeros((), device=info.device), 0, 0, 0, 0.0
+    window_bad, started = False, time.perf_counter()
+    last_ckpt_time, tick = time.monotonic(), time.perf_counter()
+    for images_cpu, labels, skipped in job.loaders.train:
+        if progress.batch >= job.loaders.train_batches:
+            break
+        data_time += time.perf_counter() - tick
+        skipped_images += skipped
+        if labels.numel() == 0:
+            progress.batch += 1
+            continue
+        x = images_cpu.to(info.device, non_blocking=True)
+        y = labels.to(info.device, non_blocking=True)
+        if cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        micro = progress.batch % accum
+        last_micro = micro == accum - 1
+        sync_ctx = model.no_sync() if (info.enabled and not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        with sync_ctx:
+            with autocast(info.device, cfg.train.amp):
+                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing)
+            finite = torch.isfinite(loss.detach()).to(torch.float32)
+            if not bool(all_reduce_sum(finite, info) == info.world_size):
+                window_bad = _handle_nonfinite(job, progress, loss)
+            else:
+                job.scaler.scale(loss / accum).backward()
+                loss_sum += loss.detach()
+                loss_count += 1
+        images += x.shape[0]
+        progress.batch += 1
+        if last_micro:
+            job.set_lr(progress.step)
+            if window_bad:
+                job.optimizer.zero_grad(set_to_none=True)
+            else:
+                job.scaler.step(job.optimizer)
+                job.scaler.update()
+                job.optimizer.zero_grad(set_to_none=True)
+            window_bad = False
+            progress.step += 1
+            if info.is_main and progress.step % cfg.train.log_every == 0:
+                job.log_train_scalars(progress.step, loss.detach(), images, time.perf_counter() - started)
+            due = cfg.train.checkpoint_minutes and time.monotonic() - last_ckpt_time > 60 * cfg.train.checkpoint_minutes
+            every = cfg.train.checkpoint_every_steps
+            if stop.received is not None or due or (every and progress.step % every == 0):
+                job.save_checkpoint(progress)
+                last_ckpt_time = time.monotonic()
+                if stop.received is not None:
+                    bar.close()
+                    return dict(stopped=True)
+        bar.update(1)
+        if info.is_main and cfg.train.progress and progress.batch % 10 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{job.optimizer.param_groups[0]['lr']:.4f}")
+        if cfg.train.max_batches_per_epoch and progress.batch >= cfg.train.max_batches_per_epoch:
+            break
+        tick = time.perf_counter()
+    bar.close()
+    if info.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    limit = cfg.data.max_unreadable
+    if limit is not None and skipped_images > limit:
+        raise RuntimeError(
+            f"{skipped_images} unreadable images this epoch exceed data.max_unreadable={limit}; "
+            f"list them with scripts/verify_dataset.py {cfg.data.root}"
+        )
+    if skipped_images:
+        log.warning("epoch %d: skipped %d unreadable images", progress.epoch + 1, skipped_images)
+    mean_loss = (all_reduce_sum(loss_sum.float(), info) / max(1, loss_count * info.world_size)).item()
+    return dict(
+        stopped=False, train_loss=mean_loss, images_per_sec=images * info.world_size / max(elapsed, 1e-9),
+        data_time_frac=data_time / max(elapsed, 1e-9), skipped_images=skipped_images,
+    )
+
+
+def _handle_nonfinite(job, progress: Progress, loss: torch.Tensor) -> bool:
+    """Stop with a message, or count the batch as skipped (train.nan_policy=skip) up to a limit."""
+    cfg = job.cfg.train
+    where = f"step {progress.step} (epoch {progress.epoch + 1}, batch {progress.batch + 1})"
+    last = progress.last_checkpoint or "none yet"
+    if cfg.nan_policy == "skip" and progress.skipped_nonfinite < cfg.max_nonfinite_skips:
+        progress.skipped_nonfinite += 1
+        log.warning("non-finite loss %s at %s: batch skipped (%d of at most %d)",
+                    loss.item(), where, progress.skipped_nonfinite, cfg.max_nonfinite_skips)
+        return True
+    raise NonFiniteLoss(
+        f"loss is {loss.item()} at {where}; last good checkpoint: {last} "
+        f"(train.nan_policy=skip skips up to train.max_nonfinite_skips={cfg.max_nonfinite_skips} such batches)"
+    )
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool = False, channels_last: bool = False) -> dict:
+    """Top-1/top-5 error over the whole val set: every rank scores its shard, the counts are summed."""
+    model.eval()
+    counts = torch.zeros(4, dtype=torch.float64, device=info.device)  # correct@1, correct@5, seen, loss sum
+    with RankAveragedRunningStats(model, info):
+        for images, labels, _ in loader:
+            if labels.numel() == 0:
+                continue
+            x = images.to(info.device, non_blocking=True)
+            y = labels.to(info.device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(info.device, amp):
+                logits = model(x)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+            hits = top5 == y[:, None]
+            counts += torch.stack([
+                hits[:, 0].sum().double(), hits.any(1).sum().double(), torch.tensor(float(len(y)), device=info.device, dtype=torch.float64),
+                F.cross_entropy(logits.float(), y, reduction="sum").double(),
+            ])
+    all_reduce_sum(counts, info)
+    correct1, correct5, seen, loss_sum = counts.tolist()
+    return dict(
+        val_top1_err=100.0 * (1 - correct1 / max(seen, 1)), val_top5_err=100.0 * (1 - correct5 / max(seen, 1)),
+        val_loss=loss_sum / max(seen, 1), val_images=int(seen),
+    )

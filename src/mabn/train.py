@@ -1,0 +1,220 @@
+"""Training entry point: `python -m mabn.train [overrides]` (Hydra), or through `make train` / torchrun.
+
+Reads the composed config, checks it, builds data, model and optimizer, resumes from the run
+dir's last good checkpoint, then trains and evaluates epoch by epoch, logging to TensorBoard,
+`metrics.jsonl` and checkpoints in the run dir.
+"""
+import json
+import logging
+import os
+import pathlib
+import random
+import sys
+import time
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from . import checkpoint as ckpt
+from .config import ConfigError, check_writable, model_kwargs, sgd_batch, validate
+from .data import DatasetError, build_loaders
+from .distributed import DistInfo, cleanup, init_distributed
+from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epoch
+from .models import build_model
+from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
+
+log = logging.getLogger("mabn.train")
+CONFIG_DIR = str(pathlib.Path(__file__).resolve().parents[2] / "configs")
+# Config keys that must match for a checkpoint to continue a run (others, e.g. epochs, may change).
+IDENTITY_KEYS = ("model.arch", "model.width", "model.stem", "norm.name", "norm.norm_batch", "data.batch_per_gpu")
+
+
+class ResumeMismatch(ConfigError):
+    pass
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+class Job:
+    """Everything one training run holds, and its logging/checkpoint side effects (rank 0 only)."""
+
+    def __init__(self, cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path):
+        self.cfg, self.info, self.run_dir = cfg, info, run_dir
+        self.loaders = build_loaders(cfg.data, info.rank, info.world_size, cfg.seed, info.device)
+        self.steps_per_epoch = self.loaders.train_batches // cfg.train.grad_accum
+        if cfg.train.max_batches_per_epoch:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_batches_per_epoch // cfg.train.grad_accum)
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"train.grad_accum={cfg.train.grad_accum} exceeds the {self.loaders.train_batches} batches per epoch"
+            )
+        total_forwards = self.steps_per_epoch * cfg.train.grad_accum * cfg.schedule.epochs
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model_kwargs = model_kwargs(cfg, len(self.loaders.classes), total_forwards)
+        net = build_model(**self.model_kwargs).to(info.device)
+        if cfg.train.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net = net
+        self.model = net
+        if info.enabled:
+            # Per-process norm statistics as in the paper: buffers are never broadcast (SPEC §1).
+            device_ids = [info.local_rank] if info.device.startswith("cuda") else None
+            self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+        self.sgd_batch = sgd_batch(cfg, info.world_size)
+        self.peak_lr = scaled_lr(cfg.schedule.base_lr, self.sgd_batch)
+        self.optimizer = build_optimizer(net, cfg.optim, self.peak_lr)
+        self.schedule = LRSchedule(self.peak_lr, self.steps_per_epoch, cfg.schedule)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and info.device.startswith("cuda"))
+        self.checkpoints = ckpt.CheckpointDir(run_dir, cfg.train.checkpoint_keep)
+        self.writer = SummaryWriter(str(run_dir / "tb")) if info.is_main else None
+        self.metrics_path = run_dir / "metrics.jsonl"
+
+    # -- logging --------------------------------------------------------------------------------
+    def set_lr(self, step: int) -> None:
+        set_lr(self.optimizer, self.schedule(step))
+
+    def log_train_scalars(self, step: int, loss: torch.Tensor, images: int, seconds: float) -> None:
+        self.writer.add_scalar("train/loss", loss.item(), step)
+        self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+        self.writer.add_scalar("train/images_per_sec", images * self.info.world_size / max(seconds, 1e-9), step)
+
+    def log_epoch(self, record: dict) -> None:
+        if not self.info.is_main:
+            return
+        for key in ("train_loss", "images_per_sec", "val_top1_err", "val_top5_err", "val_loss"):
+            if key in record:
+                group = "val" if key.startswith("val") else "train"
+                self.writer.add_scalar(f"{group}/{key.removeprefix('val_')}", record[key], record["step"])
+        self.writer.flush()
+        self.append_metrics(record)
+
+    def append_metrics(self, record: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self, progress: Progress, is_best: bool = False) -> None:
+        if self.info.is_main:
+            state = dict(
+                model=self.net.state_dict(),
+                optimizer=self.optimizer.state_dict(),
+                scaler=self.scaler.state_dict(),
+                progress=progress.state_dict(),
+                rng=ckpt.rng_state(),
+                config=OmegaConf.to_yaml(self.cfg, resolve=True),
+            )
+            path = self.checkpoints.save(state, progress.step, is_best=is_best)
+            progress.last_checkpoint = str(path)
+
+    def resume(self, progress: Progress) -> None:
+        """Continue from train.resume: 'auto' (this run dir's newest good checkpoint), a path, or 'never'."""
+        mode = str(self.cfg.train.resume)
+        if mode == "never":
+            return
+        if mode == "auto":
+            state, path = self.checkpoints.load_latest()
+            if state is None:
+                return
+        else:
+            path = pathlib.Path(mode)
+            state = ckpt.load(path)
+        check_same_run(OmegaConf.create(state["config"]), self.cfg, path)
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        progress.load_state_dict(state["progress"])
+        progress.last_checkpoint = str(path)
+        ckpt.restore_rng_state(state["rng"])
+        log.info("resumed from %s at epoch %d, batch %d, step %d", path, progress.epoch + 1, progress.batch, progress.step)
+
+
+def check_same_run(saved: DictConfig, current: DictConfig, path) -> None:
+    for key in IDENTITY_KEYS:
+        before, now = OmegaConf.select(saved, key), OmegaConf.select(current, key)
+        if before != now:
+            raise ResumeMismatch(
+                f"checkpoint {path} was trained with {key}={before}, this run asks for {key}={now}; "
+                f"use another run_name, or train.resume=never to start over"
+            )
+
+
+def run(cfg: DictConfig) -> dict:
+    """Train and evaluate; returns the final record (what metrics.jsonl ends with)."""
+    info = init_distributed(cfg.train.device)
+    validate(cfg, info.world_size)
+    run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
+    check_writable(run_dir)
+    seed_everything(cfg.seed + info.rank, cfg.train.deterministic)
+    job = Job(cfg, info, run_dir)
+    progress = Progress()
+    job.resume(progress)
+    if info.is_main:
+        log.info("run dir %s | %s x%d | SGD batch %d, peak lr %.4g | %d steps/epoch", run_dir, info.device,
+                 info.world_size, job.sgd_batch, job.peak_lr, job.steps_per_epoch)
+    if progress.epoch >= cfg.schedule.epochs:
+        log.info("run already finished (%d epochs) in %s; nothing to do", progress.epoch, run_dir)
+        return dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
+    stop = StopSignal().install()
+    try:
+        while progress.epoch < cfg.schedule.epochs:
+            started = time.time()
+            train_stats = train_one_epoch(job, progress, stop)
+            if train_stats["stopped"]:
+                log.warning("stop signal %s: checkpoint %s written; run the same command to resume",
+                            stop.received, progress.last_checkpoint)
+                return dict(event="preempted", step=progress.step)
+            val_stats = evaluate(job.model.module if info.enabled else job.model, job.loaders.val, info,
+                                 cfg.train.amp, cfg.train.channels_last)
+            if val_stats["val_images"] != job.loaders.val_size:
+                log.warning("evaluated %d images, the val set has %d", val_stats["val_images"], job.loaders.val_size)
+            is_best = val_stats["val_top1_err"] < progress.best_top1_err
+            progress.best_top1_err = min(progress.best_top1_err, val_stats["val_top1_err"])
+            record = dict(epoch=progress.epoch + 1, step=progress.step, lr=job.optimizer.param_groups[0]["lr"],
+                          **{k: v for k, v in train_stats.items() if k != "stopped"}, **val_stats,
+                          epoch_seconds=time.time() - started)
+            progress.epoch, progress.batch = progress.epoch + 1, 0
+            job.log_epoch(record)
+            job.save_checkpoint(progress, is_best=is_best)
+            if info.is_main:
+                log.info("epoch %d/%d: loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, %.0f img/s",
+                         record["epoch"], cfg.schedule.epochs, record["train_loss"], record["val_top1_err"],
+                         record["val_top5_err"], record["images_per_sec"])
+        final = dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
+        if info.is_main:
+            job.append_metrics(final)
+        return final
+    finally:
+        stop.uninstall()
+        if job.writer is not None:
+            job.writer.close()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        result = run(cfg)
+    except (ConfigError, DatasetError, NonFiniteLoss) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        cleanup()
+    return result.get("best_val_top1_err")  # what a Hydra sweeper would minimize
+
+
+if __name__ == "__main__":
+    main()
