@@ -89,7 +89,7 @@ class CheckpointDir:
             try:
                 return load(path, map_location), path
             except Exception as err:  # truncated, corrupt or foreign file: fall back to the previous one
-                log.warning("checkpoint %s cannot be loaded (%s: %s); trying the previous one", path, type(err).__name__, err)
+                log.warning("checkpoint %s cannot be loaded (%s); trying the previous one", path, describe_error(err))
         return None, None
 
 
@@ -98,3 +98,9 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a mabn training checkpoint (no model/config entries)")
     return state
+
+
+def describe_error(err: Exception) -> str:
+    """One line for a load failure (torch's unpickling errors span many lines)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}"[:300]

@@ -1,8 +1,10 @@
 """Config invariants checked before any work, and the translation of config groups into builder arguments."""
-import os
 import pathlib
 
 from omegaconf import DictConfig, OmegaConf
+
+from .data import INPUT_FORMATS, LOADERS
+from .optim import POLICIES
 
 BATCH_STAT_NORMS = ("bn", "brn", "mabn")  # norms whose statistics come from a normalization batch
 
@@ -40,20 +42,16 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"schedule.epochs={cfg.schedule.epochs!r} must be positive")
     if cfg.train.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"train.nan_policy={cfg.train.nan_policy!r} is not valid; valid: stop, skip")
+    for key, value, valid in (
+        ("data.loader", cfg.data.loader, LOADERS),
+        ("data.input_format", cfg.data.input_format, INPUT_FORMATS),
+        ("schedule.policy", cfg.schedule.policy, POLICIES),
+    ):
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
     resume = str(cfg.train.resume)
     if resume not in ("auto", "never") and not pathlib.Path(resume).is_file():
         raise ConfigError(f"train.resume={resume!r} is not a checkpoint file; valid: auto, never, or a path to a .pt file")
-
-
-def check_writable(run_dir: str | os.PathLike) -> None:
-    path = pathlib.Path(run_dir)
-    probe = path / ".write-test"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"output dir {str(path)!r} is not writable ({err.strerror}); set output_root to a writable folder")
 
 
 def sgd_batch(cfg: DictConfig, world_size: int) -> int:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .data import DatasetError
 from .distributed import DistInfo, RankAveragedRunningStats, all_reduce_sum
 
 log = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
     elapsed = time.perf_counter() - started
     limit = cfg.data.max_unreadable
     if limit is not None and skipped_images > limit:
-        raise RuntimeError(
+        raise DatasetError(
             f"{skipped_images} unreadable images this epoch exceed data.max_unreadable={limit}; "
             f"list them with scripts/verify_dataset.py {cfg.data.root}"
         )

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
 from . import checkpoint as ckpt
-from .config import ConfigError, check_writable, model_kwargs, sgd_batch, validate
+from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
 from .distributed import DistInfo, cleanup, init_distributed
 from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epoch
@@ -131,7 +131,10 @@ class Job:
                 return
         else:
             path = pathlib.Path(mode)
-            state = ckpt.load(path)
+            try:
+                state = ckpt.load(path)
+            except Exception as err:
+                raise ConfigError(f"train.resume={mode!r} cannot be loaded: {ckpt.describe_error(err)}") from err
         check_same_run(OmegaConf.create(state["config"]), self.cfg, path)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -157,7 +160,6 @@ def run(cfg: DictConfig) -> dict:
     info = init_distributed(cfg.train.device)
     validate(cfg, info.world_size)
     run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
-    check_writable(run_dir)
     seed_everything(cfg.seed + info.rank, cfg.train.deterministic)
     job = Job(cfg, info, run_dir)
     progress = Progress()

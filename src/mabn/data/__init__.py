@@ -10,12 +10,13 @@ import pathlib
 from dataclasses import dataclass
 from typing import Iterable
 
+import torch
 from torch.utils.data import DataLoader
 
 from . import shapes
 from .folder import DatasetError, SeededImageFolder, check_layout, collate_skipping_unreadable
 from .samplers import EvalSampler, TrainSampler
-from .transforms import Augmentation, torchvision_transform
+from .transforms import INPUT_FORMATS, Augmentation, torchvision_transform
 
 log = logging.getLogger(__name__)
 LOADERS = ("torchvision", "dali")
@@ -57,8 +58,8 @@ def build_loaders(data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0, d
 
 
 def build_torchvision_loaders(root, classes, aug, data_cfg, rank, world_size, seed, device) -> Loaders:
-    train_set = SeededImageFolder(root / "train", transform=torchvision_transform(aug, train=True))
-    val_set = SeededImageFolder(root / "val", transform=torchvision_transform(aug, train=False))
+    train_set = SeededImageFolder(root / "train", torchvision_transform(aug, train=True), substitute_unreadable=True)
+    val_set = SeededImageFolder(root / "val", torchvision_transform(aug, train=False), substitute_unreadable=False)
     assert train_set.classes == classes == val_set.classes
     train_sampler = TrainSampler(train_set, rank, world_size, seed)
     common = dict(
@@ -66,6 +67,8 @@ def build_torchvision_loaders(root, classes, aug, data_cfg, rank, world_size, se
         pin_memory=device.startswith("cuda"),
         persistent_workers=data_cfg.workers > 0,
         collate_fn=collate_skipping_unreadable,
+        # Its own generator: creating an epoch's iterator must not consume the global RNG (exact resume).
+        generator=torch.Generator().manual_seed(seed),
     )
     batch = data_cfg.batch_per_gpu
     train = DataLoader(train_set, batch, sampler=train_sampler, drop_last=True, **common)
@@ -83,4 +86,4 @@ def build_torchvision_loaders(root, classes, aug, data_cfg, rank, world_size, se
     return Loaders(train, val, train_batches, len(val_set), classes, set_epoch)
 
 
-__all__ = ["DatasetError", "LOADERS", "Loaders", "build_loaders", "check_layout", "resolve_root"]
+__all__ = ["DatasetError", "INPUT_FORMATS", "LOADERS", "Loaders", "build_loaders", "check_layout", "resolve_root"]

@@ -50,28 +50,42 @@ class SeededImageFolder(ImageFolder):
     """ImageFolder whose items are fetched as `(index, seed)`: the augmentation of a sample is seeded by
     its own seed, so it does not depend on worker count, batch position or where a run resumed.
 
-    An unreadable image yields None (the collate function drops and counts it).
+    Items are `(image, label, unreadable)`, `unreadable` counting the files that could not be decoded.
+    With `substitute_unreadable` (training) an unreadable file is replaced by the next readable one,
+    so batches keep their size (normalization groups must divide it); otherwise (evaluation) the
+    item is `(None, label, 1)` and the collate function drops it, so no image is counted twice.
     """
+
+    def __init__(self, root, transform, substitute_unreadable: bool):
+        super().__init__(root, transform=transform)
+        self.substitute_unreadable = substitute_unreadable
 
     def __getitem__(self, item):
         index, seed = item
-        path, label = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            log.warning("skipping unreadable image %s (%s)", path, err)
-            return None
+        unreadable = 0
+        for attempt in range(len(self.samples)):
+            path, label = self.samples[(index + attempt) % len(self.samples)]
+            try:
+                with Image.open(path) as img:
+                    img = img.convert("RGB")
+                break
+            except (OSError, ValueError) as err:
+                log.warning("skipping unreadable image %s (%s)", path, err)
+                unreadable += 1
+                if not self.substitute_unreadable:
+                    return None, label, unreadable
+        else:
+            raise OSError(f"no readable image in {self.root}; check it with scripts/verify_dataset.py")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.transform(img), label
+            return self.transform(img), label, unreadable
 
 
 def collate_skipping_unreadable(batch):
-    """Stack the readable samples; return (images, labels, number of unreadable samples dropped)."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
+    """Stack the decoded samples; return (images, labels, number of unreadable files skipped)."""
+    unreadable = sum(item[2] for item in batch)
+    good = [(img, label) for img, label, _ in batch if img is not None]
     if not good:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+        return torch.empty(0), torch.empty(0, dtype=torch.long), unreadable
     images, labels = torch.utils.data.default_collate(good)
-    return images, labels, skipped
+    return images, labels, unreadable

@@ -1,0 +1,53 @@
+"""Checks that run before Hydra creates the run dir: a bad config fails in one line, leaving nothing behind.
+
+Registered as a Hydra callback in configs/train.yaml (`hydra.callbacks.preflight`).
+"""
+import os
+import pathlib
+import sys
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .config import ConfigError, validate
+from .data import DatasetError, check_layout
+
+
+def writable_dir_problem(path: pathlib.Path) -> str | None:
+    """Why `path` cannot be created and written, or None: looks at the nearest existing ancestor."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable"
+    return None
+
+
+def preflight(cfg: DictConfig, output_dir: str) -> None:
+    validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    if not cfg.data.get("generate"):
+        check_layout(os.path.expanduser(str(cfg.data.root)))
+    problem = writable_dir_problem(pathlib.Path(output_dir).absolute())
+    if problem:
+        raise ConfigError(f"output dir {output_dir!r} cannot be written ({problem}); set output_root to a writable folder")
+
+
+class Preflight(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config, config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(config: DictConfig, output_dir: str) -> None:
+        try:
+            preflight(config, output_dir)
+        except (ConfigError, DatasetError) as err:
+            # SystemExit passes through Hydra's error reporting: one line, no traceback.
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)

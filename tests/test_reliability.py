@@ -1,0 +1,196 @@
+"""Exact resume after SIGKILL, checkpoint fallback, preemption, NaN guard, and every bad input's one line."""
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from mabn.checkpoint import CheckpointDir
+
+from .conftest import train_command
+
+NORM_SETTINGS = {
+    "bn": [],
+    "brn": [],  # its r/d schedule is a fraction of the run: clipping is active within these 40 steps
+    "mabn": ["norm.options.window=4", "norm.options.warmup=4", "norm.options.renorm_start=12"],
+}
+
+
+def _cmd(root, out, norm, *extra):
+    return train_command(root, out, f"norm={norm}", "data.batch_per_gpu=4", "norm.norm_batch=2", "schedule.epochs=2",
+                         "train.checkpoint_every_steps=1", "train.deterministic=true", *NORM_SETTINGS[norm], *extra)
+
+
+def _final_state(out):
+    files = sorted(out.rglob("checkpoints/step-*.pt"))
+    return torch.load(files[-1], weights_only=True)
+
+
+def _assert_states_equal(a, b):
+    assert a["progress"]["step"] == b["progress"]["step"]
+    assert a["model"].keys() == b["model"].keys()
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(pa["momentum_buffer"], pb["momentum_buffer"])
+
+
+def _wait_for_checkpoint(out, step, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(out.rglob(f"checkpoints/step-{step:08d}.pt")):
+            return
+        assert proc.poll() is None, "training ended before the kill"
+        time.sleep(0.05)
+    raise TimeoutError(f"no checkpoint of step {step}")
+
+
+@pytest.mark.parametrize("norm", list(NORM_SETTINGS))
+def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tiny_shapes, tmp_path, norm):
+    straight = subprocess.run(_cmd(tiny_shapes, tmp_path / "straight", norm), capture_output=True, text=True, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+
+    kill_after = random.Random().randint(2, 30)  # 40 steps in all
+    proc = subprocess.Popen(_cmd(tiny_shapes, tmp_path / "killed", norm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_checkpoint(tmp_path / "killed", kill_after, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = subprocess.run(_cmd(tiny_shapes, tmp_path / "killed", norm), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+
+    a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
+    assert a["progress"]["step"] == 40
+    _assert_states_equal(a, b)
+    if norm == "mabn":
+        assert int(a["model"]["bn1.num_batches_tracked"]) == 40 and int(a["model"]["bn1.chi_seen"]) == 80
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog):
+    checkpoints = CheckpointDir(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        checkpoints.save({"model": {"w": torch.full((3,), float(step))}, "config": ""}, step)
+    newest = checkpoints.step_files()[0]
+    newest.write_bytes(newest.read_bytes()[:100])
+    state, path = checkpoints.load_latest()
+    assert path.name == "step-00000002.pt" and state["model"]["w"][0] == 2
+    assert "step-00000003.pt cannot be loaded" in caplog.text
+
+
+def test_keeps_only_the_last_k_and_leaves_no_temp_files(tmp_path):
+    checkpoints = CheckpointDir(tmp_path, keep=2)
+    for step in range(1, 6):
+        checkpoints.save({"model": {}, "config": ""}, step, is_best=step == 3)
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["best.pt", "step-00000004.pt", "step-00000005.pt"]
+
+
+def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_shapes, tmp_path):
+    cmd = _cmd(tiny_shapes, tmp_path, "bn")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(tmp_path, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stop signal" in output
+    metrics = (next(tmp_path.rglob("metrics.jsonl"))).read_text() if list(tmp_path.rglob("metrics.jsonl")) else ""
+    assert '"finished"' not in metrics
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "resumed from" in again.stdout
+    assert '"finished"' in next(tmp_path.rglob("metrics.jsonl")).read_text()
+
+
+def _corrupt_copy(src, dst):
+    shutil.copytree(src, dst)
+    victim = sorted((dst / "train").rglob("*.JPEG"))[5]
+    victim.write_bytes(b"not a jpeg at all")
+    return dst
+
+
+def _bad_inputs(tmp_path, shapes):
+    """(overrides, what to prepare, expected substring of the one error line) for each bad input."""
+    def empty_class(root):
+        shutil.copytree(shapes, root)
+        for f in (root / "val" / "n90000003").iterdir():
+            f.unlink()
+
+    def class_mismatch(root):
+        shutil.copytree(shapes, root)
+        (root / "val" / "n90000003").rename(root / "val" / "n99999999")
+
+    def no_val(root):
+        shutil.copytree(shapes, root)
+        shutil.rmtree(root / "val")
+
+    def garbage_checkpoint(root):
+        (tmp_path / "garbage.pt").write_bytes(b"\x00" * 64)
+        return shapes
+
+    def a_file(root):
+        (tmp_path / "a_file").write_text("")
+        return shapes
+
+    return {
+        "batch_zero": (["data.batch_per_gpu=0"], None, "data.batch_per_gpu=0 must be a positive integer"),
+        "norm_batch_not_dividing": (["norm.norm_batch=3"], None, "norm.norm_batch=3 does not divide data.batch_per_gpu=8; valid: [1, 2, 4, 8]"),
+        "norm_batch_for_gn": (["norm=gn", "norm.norm_batch=2"], None, "norm 'gn' has no normalization batch"),
+        "grad_accum_zero": (["train.grad_accum=0"], None, "train.grad_accum=0 must be a positive integer"),
+        "total_batch_mismatch": (["train.total_batch=256"], None, "train.total_batch=256 but data.batch_per_gpu=8 x 1 processes"),
+        "unknown_loader": (["data.loader=ffcv"], None, "data.loader='ffcv' is not valid; valid: torchvision, dali"),
+        "unknown_input_format": (["data.input_format=rgb"], None, "data.input_format='rgb' is not valid"),
+        "unknown_lr_policy": (["schedule.policy=linear"], None, "schedule.policy='linear' is not valid; valid: multistep, cosine"),
+        "missing_data_root": (["data.root=/nonexistent/imagenet"], None, "data.root='/nonexistent/imagenet' does not exist"),
+        "no_val_folder": ([], no_val, "has no val/ folder"),
+        "empty_class_folder": ([], empty_class, "n90000003 holds no images"),
+        "train_val_class_mismatch": ([], class_mismatch, "train/ and val/ of"),
+        "missing_resume_file": (["train.resume=/nonexistent.pt"], None, "train.resume='/nonexistent.pt' is not a checkpoint file"),
+        "garbage_resume_file": ([f"train.resume={tmp_path / 'garbage.pt'}"], garbage_checkpoint, "cannot be loaded: "),
+        "unwritable_output_dir": ([f"output_root={tmp_path / 'a_file' / 'out'}"], a_file, "a_file is not a directory"),
+        "nan_loss": (["schedule.base_lr=1e12"], None, "loss is nan at step"),
+        "nan_loss_skip_limit": (["schedule.base_lr=1e12", "train.nan_policy=skip", "train.max_nonfinite_skips=2"], None,
+                                "train.max_nonfinite_skips=2"),
+        "too_many_unreadable_images": (["data.max_unreadable=0"], "corrupt", "1 unreadable images this epoch exceed data.max_unreadable=0"),
+    }
+
+
+BAD_INPUTS = list(_bad_inputs(__import__("pathlib").Path("/unused"), None))
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_gives_one_error_line(tiny_shapes, tmp_path, case):
+    overrides, prepare, message = _bad_inputs(tmp_path, tiny_shapes)[case]
+    root = tiny_shapes
+    if prepare == "corrupt":
+        root = _corrupt_copy(tiny_shapes, tmp_path / "data")
+    elif prepare is not None:
+        root = prepare(tmp_path / "data") or tmp_path / "data"
+    out = subprocess.run(train_command(root, tmp_path / "out", *overrides), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_norm_lists_the_options(tiny_shapes, tmp_path):
+    out = subprocess.run(train_command(tiny_shapes, tmp_path, "norm=batchnorm"), capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "Available options" in out.stderr and "mabn" in out.stderr
+
+
+def test_unreadable_image_is_skipped_and_counted(tiny_shapes, tmp_path):
+    root = _corrupt_copy(tiny_shapes, tmp_path / "data")
+    out = subprocess.run(train_command(root, tmp_path / "out"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    record = json.loads(next((tmp_path / "out").rglob("metrics.jsonl")).read_text().splitlines()[0])
+    assert record["skipped_images"] == 1
+    assert "skipped 1 unreadable images" in out.stdout
+
+
+def test_resuming_with_another_norm_names_both(tiny_shapes, tmp_path):
+    first = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed"), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0
+    out = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "norm=mabn"), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    assert "was trained with norm.name=bn, this run asks for norm.name=mabn" in out.stderr
