@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Build an ImageNet-N subset (symlinks) for quick experiments.
+
+  python scripts/make_subset.py --src /data/imagenet --dst /data/imagenet100 --classes 100 --train-per-class 300
+  python scripts/make_subset.py --src /data/imagenet --dst /data/mine --class-list wnids.txt
+"""
+import argparse
+import sys
+
+from mabn.data.folder import DatasetError
+from mabn.data.prepare import make_subset
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", required=True, help="ImageNet-layout root (train/, val/)")
+    parser.add_argument("--dst", required=True, help="where the subset's symlink tree goes")
+    parser.add_argument("--classes", type=int, help="take the first N classes (sorted wnids)")
+    parser.add_argument("--class-list", help="file with one wnid per line (instead of --classes)")
+    parser.add_argument("--train-per-class", type=int, help="images per class in train (default: all)")
+    parser.add_argument("--val-per-class", type=int, help="images per class in val (default: all)")
+    parser.add_argument("--seed", type=int, help="pick images at random with this seed (default: the first K)")
+    args = parser.parse_args()
+    listed = None
+    if args.class_list:
+        listed = [line.split()[0] for line in open(args.class_list) if line.strip()]
+    elif args.classes is None:
+        parser.error("give --classes N or --class-list FILE")
+    try:
+        chosen = make_subset(args.src, args.dst, args.classes, listed, args.train_per_class, args.val_per_class, args.seed)
+    except (DatasetError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"subset of {len(chosen)} classes at {args.dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Sort ImageNet's flat validation folder into class folders (the layout every loader reads).
+
+Either labels file works:
+  Kaggle layout:  python scripts/prepare_imagenet.py --val-dir /data/imagenet/val --loc-csv LOC_val_solution.csv
+  devkit layout:  python scripts/prepare_imagenet.py --val-dir /data/imagenet/val \\
+                      --ground-truth ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt \\
+                      --meta ILSVRC2012_devkit_t12/data/meta.mat
+By default files are moved in place; --out DIR writes a new tree (copies, or symlinks with --link).
+"""
+import argparse
+import sys
+
+from mabn.data.folder import DatasetError
+from mabn.data.prepare import sort_val_folder, val_labels_from_devkit, val_labels_from_loc_csv
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--val-dir", required=True, help="flat folder of ILSVRC2012_val_*.JPEG")
+    parser.add_argument("--loc-csv", help="LOC_val_solution.csv")
+    parser.add_argument("--ground-truth", help="devkit ILSVRC2012_validation_ground_truth.txt")
+    parser.add_argument("--meta", help="devkit meta.mat (with --ground-truth)")
+    parser.add_argument("--out", help="write the sorted tree here instead of moving files in place")
+    parser.add_argument("--link", action="store_true", help="with --out: symlink instead of copy")
+    args = parser.parse_args()
+    try:
+        if args.loc_csv:
+            labels = val_labels_from_loc_csv(args.loc_csv)
+        elif args.ground_truth and args.meta:
+            labels = val_labels_from_devkit(args.ground_truth, args.meta)
+        else:
+            parser.error("give --loc-csv, or --ground-truth with --meta")
+        count = sort_val_folder(args.val_dir, labels, args.out, args.link)
+    except (DatasetError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"sorted {count} validation images into class folders under {args.out or args.val_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

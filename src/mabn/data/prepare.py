@@ -1,0 +1,110 @@
+"""Dataset preparation: sort ImageNet's flat val folder, build ImageNet-N subsets, find unreadable images."""
+import csv
+import os
+import pathlib
+import random
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+
+from PIL import Image
+from torchvision.datasets.folder import IMG_EXTENSIONS
+from tqdm import tqdm
+
+from .folder import DatasetError, class_names
+
+
+def val_labels_from_loc_csv(csv_path: str | os.PathLike) -> dict[str, str]:
+    """{image id: wnid} from Kaggle's LOC_val_solution.csv (ImageId, PredictionString 'wnid x y x y ...')."""
+    labels = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            labels[row["ImageId"]] = row["PredictionString"].split()[0]
+    if not labels:
+        raise DatasetError(f"{csv_path} holds no rows with ImageId,PredictionString")
+    return labels
+
+
+def val_labels_from_devkit(ground_truth: str | os.PathLike, meta_mat: str | os.PathLike) -> dict[str, str]:
+    """{image id: wnid} from the devkit's ILSVRC2012_validation_ground_truth.txt (one ILSVRC2012_ID per
+    line, in image order) and meta.mat (ILSVRC2012_ID -> WNID)."""
+    from scipy.io import loadmat
+
+    synsets = loadmat(str(meta_mat), squeeze_me=True)["synsets"]
+    wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    ids = [int(line) for line in pathlib.Path(ground_truth).read_text().split()]
+    return {f"ILSVRC2012_val_{k:08d}": wnid_of[i] for k, i in enumerate(ids, start=1)}
+
+
+def sort_val_folder(val_dir: str | os.PathLike, labels: dict[str, str], out_dir=None, link: bool = False,
+                    progress: bool = True) -> int:
+    """Place every image of the flat `val_dir` in `<out_dir>/<wnid>/` (default: in place, moved).
+
+    Returns the number placed. Raises DatasetError, before touching anything, if an image has no label.
+    """
+    val_dir = pathlib.Path(val_dir)
+    out_dir = pathlib.Path(out_dir) if out_dir else val_dir
+    images = sorted(p for p in val_dir.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not images:
+        raise DatasetError(f"{val_dir} holds no images to sort")
+    missing = [p.name for p in images if p.stem not in labels]
+    if missing:
+        raise DatasetError(f"{len(missing)} images of {val_dir} have no label (first: {missing[0]}); wrong labels file?")
+    for path in tqdm(images, desc="sorting val", unit="img", disable=not progress):
+        target = out_dir / labels[path.stem] / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            target.symlink_to(path.resolve())
+        elif out_dir == val_dir:
+            path.rename(target)
+        else:
+            shutil.copy2(path, target)
+    return len(images)
+
+
+def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int | None = None,
+                classes: list[str] | None = None, train_per_class: int | None = None,
+                val_per_class: int | None = None, seed: int | None = None) -> list[str]:
+    """Symlink a subset of an ImageNet-layout tree: the first `num_classes` (or the listed) classes,
+    the first (or, with `seed`, random) K images per class. Returns the chosen classes."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    available = class_names(src / "train")
+    if classes is None:
+        if num_classes is None or not 0 < num_classes <= len(available):
+            raise DatasetError(f"num_classes={num_classes} must be between 1 and the {len(available)} classes of {src}")
+        classes = available[:num_classes]
+    unknown = sorted(set(classes) - set(available))
+    if unknown:
+        raise DatasetError(f"classes {unknown[:5]} are not in {src / 'train'}")
+    rng = random.Random(seed)
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        for name in classes:
+            files = sorted(p for p in (src / split / name).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
+            if per_class is not None and per_class < len(files):
+                files = sorted(rng.sample(files, per_class)) if seed is not None else files[:per_class]
+            (dst / split / name).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                link = dst / split / name / f.name
+                if not link.exists():
+                    link.symlink_to(f.resolve())
+    return classes
+
+
+def _check_image(path: str) -> str | None:
+    try:
+        with Image.open(path) as img:
+            img.convert("RGB").load()  # a full decode: truncated files fail here, not at open
+        return None
+    except Exception as err:
+        return f"{type(err).__name__}: {err}"
+
+
+def find_unreadable(root: str | os.PathLike, workers: int = 2, progress: bool = True) -> list[tuple[str, str]]:
+    """(path, reason) for every image file under `root` that does not decode."""
+    files = sorted(str(p) for p in pathlib.Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    bad = []
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        results = pool.map(_check_image, files, chunksize=64)
+        for path, reason in tqdm(zip(files, results), total=len(files), desc="verifying", unit="img", disable=not progress):
+            if reason is not None:
+                bad.append((path, reason))
+    return bad

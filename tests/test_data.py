@@ -1,0 +1,192 @@
+"""Both loaders on generated trees: same labels, batches, shards and augmentation; preparation scripts."""
+import collections
+import logging
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from mabn.data import build_loaders
+from mabn.data.folder import SeededImageFolder, collate_skipping_unreadable
+from mabn.data.transforms import Augmentation, torchvision_transform
+
+from .conftest import ROOT
+
+LOADERS = ["torchvision", "dali"]
+
+
+def data_cfg(root, **overrides):
+    cfg = OmegaConf.load(ROOT / "configs" / "data" / "shapes.yaml")
+    cfg.merge_with(dict(root=str(root), generate=None, workers=0, batch_per_gpu=8, crop_size=24, val_resize=28))
+    cfg.merge_with(overrides)
+    return cfg
+
+
+def epoch_labels(loaders, epoch):
+    loaders.set_epoch(epoch)
+    return [y.tolist() for _, y, _ in loaders.train]
+
+
+def test_both_loaders_agree_on_classes_batches_and_order(tiny_shapes):
+    built = {name: build_loaders(data_cfg(tiny_shapes, loader=name), 0, 1, seed=3) for name in LOADERS}
+    tv, dali = built["torchvision"], built["dali"]
+    assert tv.classes == dali.classes == sorted(p.name for p in (tiny_shapes / "train").iterdir())
+    assert tv.train_batches == dali.train_batches == 80 // 8
+    for epoch in (0, 1):  # same shuffled order each epoch, and a new one per epoch
+        assert epoch_labels(tv, epoch) == epoch_labels(dali, epoch)
+    assert epoch_labels(tv, 0) != epoch_labels(tv, 1)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_val_shards_over_two_ranks_cover_each_image_once(tiny_shapes, loader):
+    # An odd val batch and 30 images: shards of 15, the last batch of each partial.
+    shards = [build_loaders(data_cfg(tiny_shapes, loader=loader, val_batch_per_gpu=4), rank, 2) for rank in (0, 1)]
+    counts = collections.Counter()
+    for shard in shards:
+        for _, labels, _ in shard.val:
+            counts.update(labels.tolist())
+    assert sum(counts.values()) == shards[0].val_size == 30
+    assert counts == collections.Counter({k: 3 for k in range(10)})
+
+
+@pytest.mark.parametrize("input_format", ["torchvision", "bgr255"])
+def test_augmentation_outputs_match_between_loaders(tmp_path, input_format):
+    # Solid red images: the channel order and value range of each input convention are unambiguous.
+    for split in ("train", "val"):
+        for name in ("a", "b"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for k in range(8):
+                Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / split / name / f"{k}.JPEG", quality=100)
+    outs = {}
+    for loader in LOADERS:
+        loaders = build_loaders(data_cfg(tmp_path, loader=loader, input_format=input_format, lighting_std=0.0), 0, 1)
+        loaders.set_epoch(0)
+        train_x = next(iter(loaders.train))[0]
+        val_x = next(iter(loaders.val))[0]
+        outs[loader] = (train_x, val_x)
+        for x in (train_x, val_x):
+            assert x.shape == (8, 3, 24, 24) and x.dtype == torch.float32
+    red = {"torchvision": ((1 - 0.485) / 0.229, 0, (0 - 0.406) / 0.225), "bgr255": (0.0, 0, 255.0)}[input_format]
+    channel_of_red = 0 if input_format == "torchvision" else 2
+    for loader, (train_x, val_x) in outs.items():
+        for x in (train_x, val_x):
+            means = x.mean(dim=(0, 2, 3))
+            tol = 3.0 if input_format == "bgr255" else 0.05
+            assert abs(means[channel_of_red] - (red[0] if input_format == "torchvision" else red[2])) < tol, (loader, means)
+
+
+def test_lighting_noise_changes_colours_but_not_shapes(tiny_shapes):
+    for loader in LOADERS:
+        loaders = build_loaders(data_cfg(tiny_shapes, loader=loader, lighting_std=0.1), 0, 1)
+        loaders.set_epoch(0)
+        x = next(iter(loaders.train))[0]
+        assert x.shape == (8, 3, 24, 24) and torch.isfinite(x).all()
+
+
+def test_unreadable_train_image_is_replaced_and_counted(tiny_shapes, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_shapes / "train", tmp_path / "train")
+    victim = sorted((tmp_path / "train").rglob("*.JPEG"))[0]
+    victim.write_bytes(b"\xff\xd8 truncated")
+    aug = Augmentation(crop_size=16, val_resize=16)
+    train = SeededImageFolder(tmp_path / "train", torchvision_transform(aug, True), substitute_unreadable=True)
+    val = SeededImageFolder(tmp_path / "train", torchvision_transform(aug, False), substitute_unreadable=False)
+    images, labels, skipped = collate_skipping_unreadable([train[(0, 1)], train[(1, 2)]])
+    assert images.shape[0] == 2 and skipped == 1
+    images, labels, skipped = collate_skipping_unreadable([val[(0, 0)], val[(1, 0)]])
+    assert images.shape[0] == 1 and skipped == 1
+
+
+def test_same_seed_same_augmentation_whatever_the_worker(tiny_shapes):
+    aug = Augmentation(crop_size=16, val_resize=16)
+    ds = SeededImageFolder(tiny_shapes / "train", torchvision_transform(aug, True), substitute_unreadable=True)
+    torch.manual_seed(123)
+    a = ds[(5, 777)][0]
+    torch.rand(10)  # global RNG state must not matter
+    b = ds[(5, 777)][0]
+    assert torch.equal(a, b) and not torch.equal(a, ds[(5, 778)][0])
+
+
+def test_dali_unavailable_falls_back_with_a_warning(tiny_shapes, monkeypatch, caplog):
+    import mabn.data.dali as dali
+
+    monkeypatch.setattr(dali, "dali_unavailable_reason", lambda: "nvidia-dali cannot be imported: test")
+    with caplog.at_level(logging.WARNING):
+        loaders = build_loaders(data_cfg(tiny_shapes, loader="dali"), 0, 1)
+    assert "falling back to torchvision" in caplog.text
+    assert isinstance(loaders.train, torch.utils.data.DataLoader)
+
+
+def _flat_val(tmp_path, n=6):
+    flat = tmp_path / "val"
+    flat.mkdir()
+    wnids = {}
+    for k in range(1, n + 1):
+        image_id = f"ILSVRC2012_val_{k:08d}"
+        Image.new("RGB", (8, 8), (k * 20, 0, 0)).save(flat / f"{image_id}.JPEG")
+        wnids[image_id] = ["n01440764", "n01443537", "n01484850"][k % 3]
+    return flat, wnids
+
+
+def _run_script(*args):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_prepare_imagenet_from_loc_csv(tmp_path):
+    flat, wnids = _flat_val(tmp_path)
+    csv_path = tmp_path / "LOC_val_solution.csv"
+    csv_path.write_text("ImageId,PredictionString\n" + "".join(f"{i},{w} 1 2 3 4 {w} 5 6 7 8\n" for i, w in wnids.items()))
+    out = _run_script(ROOT / "scripts" / "prepare_imagenet.py", "--val-dir", flat, "--loc-csv", csv_path)
+    assert out.returncode == 0, out.stderr
+    placed = {p.stem: p.parent.name for p in flat.rglob("*.JPEG")}
+    assert placed == wnids and not list(flat.glob("*.JPEG"))
+
+
+def test_prepare_imagenet_from_devkit_files(tmp_path):
+    from scipy.io import savemat
+
+    flat, wnids = _flat_val(tmp_path)
+    ids = {"n01440764": 449, "n01443537": 1, "n01484850": 2}  # ILSVRC2012_IDs need not follow wnid order
+    synsets = np.zeros((3,), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    for row, (wnid, ilsvrc_id) in enumerate(ids.items()):
+        synsets[row] = (ilsvrc_id, wnid)
+    savemat(tmp_path / "meta.mat", {"synsets": synsets})
+    (tmp_path / "gt.txt").write_text("".join(f"{ids[w]}\n" for w in wnids.values()))
+    out = _run_script(ROOT / "scripts" / "prepare_imagenet.py", "--val-dir", flat, "--ground-truth", tmp_path / "gt.txt",
+                      "--meta", tmp_path / "meta.mat", "--out", tmp_path / "sorted", "--link")
+    assert out.returncode == 0, out.stderr
+    placed = {p.stem: p.parent.name for p in (tmp_path / "sorted").rglob("*.JPEG")}
+    assert placed == wnids
+
+
+def test_prepare_imagenet_refuses_unlabelled_images(tmp_path):
+    flat, wnids = _flat_val(tmp_path)
+    csv_path = tmp_path / "labels.csv"
+    first = next(iter(wnids))
+    csv_path.write_text(f"ImageId,PredictionString\n{first},{wnids[first]} 1 2 3 4\n")
+    out = _run_script(ROOT / "scripts" / "prepare_imagenet.py", "--val-dir", flat, "--loc-csv", csv_path)
+    assert out.returncode == 2 and "5 images" in out.stderr and "have no label" in out.stderr
+    assert len(list(flat.glob("*.JPEG"))) == 6  # nothing moved
+
+
+def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
+    out = _run_script(ROOT / "scripts" / "make_subset.py", "--src", tiny_shapes, "--dst", tmp_path / "sub", "--classes", 3,
+                      "--train-per-class", 2)
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "sub" / "train").iterdir()) == ["n90000001", "n90000002", "n90000003"]
+    assert all(len(list(d.iterdir())) == 2 for d in (tmp_path / "sub" / "train").iterdir())
+    assert all(len(list(d.iterdir())) == 3 for d in (tmp_path / "sub" / "val").iterdir())
+
+    good = _run_script(ROOT / "scripts" / "verify_dataset.py", tmp_path / "sub", "--workers", 1)
+    assert good.returncode == 0 and "0 unreadable" in good.stderr
+    bad_file = tmp_path / "sub" / "val" / "n90000002" / "broken.JPEG"
+    full = (tiny_shapes / "train" / "n90000001").iterdir().__next__().read_bytes()
+    bad_file.write_bytes(full[: len(full) // 2])  # a truncated JPEG: opens, fails to decode
+    bad = _run_script(ROOT / "scripts" / "verify_dataset.py", tmp_path / "sub", "--workers", 1)
+    assert bad.returncode == 1 and str(bad_file) in bad.stdout and "1 unreadable" in bad.stderr
