@@ -12,6 +12,7 @@ EXP ?=
 RESUME ?=
 ARGS ?=
 GPUS ?= 1
+PROCS ?=
 NODES ?= 1
 NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
@@ -23,17 +24,20 @@ SWEEP_ARGS ?= schedule.epochs=2
 
 OVERRIDES := $(if $(EXP),experiment=$(EXP)) $(if $(NORM),norm=$(NORM)) $(if $(BS),data.batch_per_gpu=$(BS)) \
              $(if $(RESUME),train.resume=$(RESUME)) $(ARGS)
-ifeq ($(GPUS)-$(NODES),1-1)
+LAUNCHER := $(PY) scripts/launch.py --nodes $(NODES) --node-rank $(NODE_RANK) \
+            --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT)
+ifneq ($(PROCS),)
+LAUNCH := $(LAUNCHER) --cpu --gpus $(PROCS) --
+else ifeq ($(GPUS)-$(NODES),1-1)
 LAUNCH := $(PY) -m mabn.train
 else
-LAUNCH := $(PY) scripts/launch.py --gpus $(GPUS) --nodes $(NODES) --node-rank $(NODE_RANK) \
-          --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT) --
+LAUNCH := $(LAUNCHER) --gpus $(GPUS) --
 endif
 
 .PHONY: help install train sweep test test-slow bench tensorboard data clean-venv
 
 help:
-	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8] [RESUME=path] [ARGS='k=v ...']"
+	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
 	@echo "make test | make test-slow | make bench | make tensorboard"
 

@@ -75,3 +75,10 @@ def test_unknown_group_option_lists_the_valid_ones():
     assert "batchnorm" in out.stderr and "Available options" in out.stderr
     for name in options("norm"):
         assert name in out.stderr
+
+
+def test_slurm_launcher_config_composes():
+    cfg = _compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 8, 8)

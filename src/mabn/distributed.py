@@ -31,8 +31,19 @@ def resolve_device(requested: str, local_rank: int) -> str:
     return f"cuda:{local_rank}" if requested == "cuda" else requested
 
 
+def export_slurm_environment() -> None:
+    """Under SLURM without torchrun (one task per GPU, e.g. hydra/launcher=slurm), set the variables
+    torchrun would have set, from SLURM's, with submitit's helper."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+
+    TorchDistributedEnvironment().export()
+
+
 def init_distributed(requested_device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (NCCL on GPU, gloo on CPU)."""
+    """Join the process group when launched by torchrun or SLURM (NCCL on GPU, gloo on CPU)."""
+    export_slurm_environment()
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -56,23 +67,42 @@ def running_stat_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: buf for name, buf in model.named_buffers() if name.rpartition(".")[2].startswith("running_")}
 
 
+def all_reduce_max(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def rank_averaged_running_stats(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
+    """Copies of the running statistics averaged over ranks (a collective: every rank must call it)."""
+    averaged = {}
+    for name, buf in running_stat_buffers(model).items():
+        value = buf.detach().clone()
+        if info.enabled:
+            dist.all_reduce(value, op=dist.ReduceOp.SUM)
+            value.div_(info.world_size)
+        averaged[name] = value
+    return averaged
+
+
 class RankAveragedRunningStats:
     """Context: running statistics replaced by their mean over ranks, restored on exit (SPEC §1)."""
 
     def __init__(self, model: torch.nn.Module, info: DistInfo):
-        self.buffers, self.info, self.saved = running_stat_buffers(model), info, {}
+        self.model, self.info, self.saved = model, info, {}
 
     def __enter__(self):
         if self.info.enabled:
-            for name, buf in self.buffers.items():
-                self.saved[name] = buf.clone()
-                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-                buf.div_(self.info.world_size)
+            buffers = running_stat_buffers(self.model)
+            for name, value in rank_averaged_running_stats(self.model, self.info).items():
+                self.saved[name] = buffers[name].clone()
+                buffers[name].copy_(value)
         return self
 
     def __exit__(self, *exc):
+        buffers = running_stat_buffers(self.model)
         for name, value in self.saved.items():
-            self.buffers[name].copy_(value)
+            buffers[name].copy_(value)
         return False
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import DatasetError
-from .distributed import DistInfo, RankAveragedRunningStats, all_reduce_sum
+from .distributed import DistInfo, RankAveragedRunningStats, all_reduce_max, all_reduce_sum
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,11 @@ class StopSignal:
     def uninstall(self) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def forward_to_previous_handler(self) -> None:
+        """After the checkpoint: let a handler installed before ours (submitit's requeue) see the signal."""
+        if self.received is not None and callable(self.previous.get(self.received)):
+            signal.raise_signal(self.received)
 
 
 def autocast(device: str, enabled: bool):
@@ -121,12 +126,15 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
             progress.step += 1
             if info.is_main and progress.step % cfg.train.log_every == 0:
                 job.log_train_scalars(progress.step, loss.detach(), images, time.perf_counter() - started)
-            due = cfg.train.checkpoint_minutes and time.monotonic() - last_ckpt_time > 60 * cfg.train.checkpoint_minutes
+            due = bool(cfg.train.checkpoint_minutes) and time.monotonic() - last_ckpt_time > 60 * cfg.train.checkpoint_minutes
+            # Ranks agree on stopping and checkpointing (a signal or a clock may reach them at different steps).
+            flags = all_reduce_max(torch.tensor([stop.received is not None, due], dtype=torch.float32, device=info.device), info)
+            stopping, due = bool(flags[0]), bool(flags[1])
             every = cfg.train.checkpoint_every_steps
-            if stop.received is not None or due or (every and progress.step % every == 0):
+            if stopping or due or (every and progress.step % every == 0):
                 job.save_checkpoint(progress)
                 last_ckpt_time = time.monotonic()
-                if stop.received is not None:
+                if stopping:
                     bar.close()
                     return dict(stopped=True)
         bar.update(1)

@@ -22,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from . import checkpoint as ckpt
 from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
-from .distributed import DistInfo, cleanup, init_distributed
+from .distributed import DistInfo, cleanup, init_distributed, rank_averaged_running_stats
 from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epoch
 from .models import build_model
 from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
@@ -71,9 +71,11 @@ class Job:
         self.net = net
         self.model = net
         if info.enabled:
-            # Per-process norm statistics as in the paper: buffers are never broadcast (SPEC §1).
+            # Per-process norm statistics as in the paper: buffers are not synced during training
+            # (SPEC §1; the old name of this switch is broadcast_buffers=False). At start-up every rank
+            # holds the same buffers anyway: fresh, or rank 0's from the checkpoint.
             device_ids = [info.local_rank] if info.device.startswith("cuda") else None
-            self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, broadcast_buffers=False)
+            self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
         self.sgd_batch = sgd_batch(cfg, info.world_size)
         self.peak_lr = scaled_lr(cfg.schedule.base_lr, self.sgd_batch)
         self.optimizer = build_optimizer(net, cfg.optim, self.peak_lr)
@@ -108,6 +110,10 @@ class Job:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, progress: Progress, is_best: bool = False) -> None:
+        """Rank 0's training state plus the rank-averaged running statistics used for evaluation (SPEC §1).
+
+        Every rank must call it (the averaging is a collective)."""
+        eval_running_stats = rank_averaged_running_stats(self.net, self.info)
         if self.info.is_main:
             state = dict(
                 model=self.net.state_dict(),
@@ -116,6 +122,8 @@ class Job:
                 progress=progress.state_dict(),
                 rng=ckpt.rng_state(),
                 config=OmegaConf.to_yaml(self.cfg, resolve=True),
+                eval_running_stats=eval_running_stats,
+                world_size=self.info.world_size,
             )
             path = self.checkpoints.save(state, progress.step, is_best=is_best)
             progress.last_checkpoint = str(path)
@@ -203,6 +211,7 @@ def run(cfg: DictConfig) -> dict:
         stop.uninstall()
         if job.writer is not None:
             job.writer.close()
+        stop.forward_to_previous_handler()
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")

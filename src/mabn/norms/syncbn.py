@@ -1,13 +1,42 @@
 """Synchronized BN: statistics reduced over all processes of the job (torch.nn.SyncBatchNorm)."""
+import torch
+import torch.distributed as dist
 from torch import nn
+
+from ._groups import check_input
 
 
 class SyncBatchNorm2d(nn.SyncBatchNorm):
     """`torch.nn.SyncBatchNorm` with the factory's signature.
 
     `norm_batch` is accepted and ignored: the normalization batch is the global batch. Outside a
-    distributed job it behaves as BatchNorm2d.
+    distributed job it is BatchNorm2d. torch's kernel syncs CUDA tensors only; on CPU (gloo, tests
+    and CPU clusters) the global sums go through the differentiable all_reduce of
+    `torch.distributed.nn`, which gives the same forward and backward.
     """
 
     def __init__(self, num_features: int, norm_batch: int | None = None, eps: float = 1e-5, momentum: float = 0.1):
         super().__init__(num_features, eps=eps, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(self, x)
+        if self.training and x.device.type == "cpu" and dist.is_available() and dist.is_initialized():
+            return self._cpu_sync_forward(x)
+        return super().forward(x)
+
+    def _cpu_sync_forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torch.distributed.nn.functional import all_reduce
+
+        local = torch.stack([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)),
+                             torch.full_like(x[0, :, 0, 0], x.numel() / x.shape[1])])
+        total = all_reduce(local)
+        count = total[2]
+        mean = total[0] / count
+        var = total[1] / count - mean * mean  # biased, as BN normalizes with
+        y = (x - mean[:, None, None]) * torch.rsqrt(var + self.eps)[:, None, None]
+        y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+        return y

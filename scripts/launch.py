@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Launch `mabn.train` with torchrun after checking what would otherwise fail minutes later.
+
+Used by `make train GPUS=8 [NODES=2 NODE_RANK=0 MASTER_ADDR=host MASTER_PORT=29500]`; everything
+after `--` is passed to the training entry as Hydra overrides. `--cpu` runs the processes on the
+CPU (gloo), e.g. to try a 2-process job on a laptop: `make train PROCS=2`.
+"""
+import argparse
+import os
+import socket
+import sys
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_port_free(addr: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("" if addr in ("127.0.0.1", "localhost") else addr, port))
+        except OSError:
+            fail(f"MASTER_PORT={port} is in use on {addr}; choose another, e.g. MASTER_PORT={port + 1}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) per node")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--node-rank", type=int, default=0)
+    parser.add_argument("--master-addr", default="127.0.0.1")
+    parser.add_argument("--master-port", type=int, default=29500)
+    parser.add_argument("--cpu", action="store_true", help="CPU processes (gloo) instead of GPUs")
+    parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then Hydra overrides")
+    args = parser.parse_args()
+    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    if args.gpus < 1 or args.nodes < 1:
+        fail(f"GPUS={args.gpus} and NODES={args.nodes} must be at least 1")
+    if not 0 <= args.node_rank < args.nodes:
+        fail(f"NODE_RANK={args.node_rank} must be between 0 and NODES-1={args.nodes - 1}")
+    if args.cpu:
+        overrides = ["train.device=cpu", *overrides]
+    else:
+        import torch
+
+        visible = torch.cuda.device_count()
+        if args.gpus > visible:
+            fail(f"GPUS={args.gpus} but {visible} GPUs are visible on this node "
+                 f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                 f"use GPUS<={visible}, or PROCS={args.gpus} for CPU processes")
+    if args.node_rank == 0:
+        check_port_free(args.master_addr, args.master_port)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nodes}", f"--node_rank={args.node_rank}",
+        f"--nproc_per_node={args.gpus}", f"--master_addr={args.master_addr}", f"--master_port={args.master_port}",
+        "-m", "mabn.train", *overrides,
+    ]
+    print(" ".join(command), file=sys.stderr)
+    os.execv(sys.executable, command)
+
+
+if __name__ == "__main__":
+    main()

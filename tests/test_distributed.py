@@ -1,0 +1,180 @@
+"""Multi-process behaviour on CPU with gloo: DDP with per-process norm statistics, SyncBN, evaluation, launch."""
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from mabn.distributed import DistInfo, running_stat_buffers
+
+from .conftest import ROOT, train_command
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, fn, args):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, *args, world=2):
+    mp.start_processes(_worker, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
+
+
+def _job(root, out, rank, world, norm):
+    from hydra import compose, initialize_config_dir
+
+    from mabn.train import Job
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            f"data.root={root}", "data.generate=null", "data.workers=0", "data.batch_per_gpu=4", "norm.norm_batch=2",
+            "data.crop_size=24", "data.val_resize=28", "model.width=8", f"norm={norm}", "train.progress=false",
+            "norm.options.warmup=2" if norm == "mabn" else "seed=0", "norm.options.window=2" if norm == "mabn" else "seed=0",
+        ])
+    torch.manual_seed(rank)
+    return Job(cfg, DistInfo(rank, world, 0, "cpu"), out)
+
+
+def _train_steps_worker(rank, world, root, out, norm):
+    from mabn.engine import Progress, StopSignal, evaluate, train_one_epoch
+
+    job = _job(root, out / f"rank{rank}", rank, world, norm)
+    progress, records = Progress(), []
+    for steps in (1, 2, 3):
+        job.cfg.train.max_batches_per_epoch = steps
+        train_one_epoch(job, progress, StopSignal())
+        params = [p.detach().clone() for p in job.net.parameters()]
+        buffers = {k: v.clone() for k, v in running_stat_buffers(job.net).items()}
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (params, buffers))
+        records.append(gathered)
+    before = {k: v.clone() for k, v in job.net.state_dict().items()}
+    val = evaluate(job.net, job.loaders.val, job.info)
+    after = job.net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "evaluation must leave the per-rank buffers"
+    from mabn.distributed import rank_averaged_running_stats
+
+    averaged = rank_averaged_running_stats(job.net, job.info)
+    if rank == 0:
+        torch.save(dict(records=records, val=val, state=job.net.state_dict(), averaged=averaged), out / "result.pt")
+
+
+@pytest.mark.parametrize("norm", ["bn", "mabn"])
+def test_ddp_parameters_agree_buffers_stay_per_process_eval_covers_val_once(tiny_shapes, tmp_path, norm):
+    run_ranks(_train_steps_worker, tiny_shapes, tmp_path, norm)
+    result = torch.load(tmp_path / "result.pt", weights_only=False)
+    for step, gathered in enumerate(result["records"], start=1):
+        (params0, buffers0), (params1, buffers1) = gathered
+        assert all(torch.equal(a, b) for a, b in zip(params0, params1)), f"parameters differ after step {step}"
+        assert any(not torch.equal(buffers0[k], buffers1[k]) for k in buffers0), "norm buffers must stay per process"
+
+    # Single-process evaluation of the same weights with the rank-averaged statistics: same counts.
+    job = _single_job(tiny_shapes, tmp_path, norm)
+    state = dict(result["state"])
+    state.update(result["averaged"])
+    job.net.load_state_dict(state)
+    from mabn.engine import evaluate
+
+    single = evaluate(job.net, job.loaders.val, job.info)
+    assert result["val"]["val_images"] == single["val_images"] == 30
+    assert result["val"]["val_top1_err"] == single["val_top1_err"]
+    assert result["val"]["val_top5_err"] == single["val_top5_err"]
+
+
+def _single_job(root, out, norm):
+    return _job(root, out / "single", 0, 1, norm)
+
+
+def _syncbn_worker(rank, world, out):
+    from mabn.norms import build_norm
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1
+    dy = torch.randn_like(x)
+    layer = build_norm("syncbn", 3).double()
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        layer.bias.copy_(torch.tensor([0.0, -1.0, 1.0]))
+    part = x[2 * rank : 2 * rank + 2].clone().requires_grad_(True)
+    y = layer(part)
+    y.backward(dy[2 * rank : 2 * rank + 2])
+    grads = torch.stack([layer.weight.grad, layer.bias.grad])
+    dist.all_reduce(grads)
+    torch.save(dict(y=y.detach(), dx=part.grad, grads=grads, running=(layer.running_mean, layer.running_var)),
+               out / f"syncbn{rank}.pt")
+
+
+def test_syncbn_on_two_ranks_equals_bn_on_the_whole_batch(tmp_path):
+    run_ranks(_syncbn_worker, tmp_path)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    dy = torch.randn_like(x)
+    bn = nn.BatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+        bn.bias.copy_(torch.tensor([0.0, -1.0, 1.0]))
+    y = bn(x)
+    y.backward(dy)
+    parts = [torch.load(tmp_path / f"syncbn{r}.pt", weights_only=True) for r in (0, 1)]
+    tol = dict(rtol=0, atol=1e-10)
+    torch.testing.assert_close(torch.cat([p["y"] for p in parts]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([p["dx"] for p in parts]), x.grad, **tol)
+    torch.testing.assert_close(parts[0]["grads"], torch.stack([bn.weight.grad, bn.bias.grad]), **tol)
+    torch.testing.assert_close(parts[0]["running"][0], bn.running_mean, **tol)
+    torch.testing.assert_close(parts[1]["running"][1], bn.running_var, **tol)
+
+
+def _launch(port, *overrides):
+    return [sys.executable, str(ROOT / "scripts" / "launch.py"), "--cpu", "--gpus", "2", "--master-port", str(port), "--",
+            *overrides]
+
+
+def test_torchrun_job_writes_one_checkpoint_a_single_process_can_load(tiny_shapes, tmp_path):
+    overrides = train_command(tiny_shapes, tmp_path)[3:]
+    out = subprocess.run(_launch(free_port(), *overrides, "norm=mabn", "data.batch_per_gpu=4"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dirs = list((tmp_path / "train").iterdir())
+    assert len(run_dirs) == 1
+    records = [json.loads(line) for line in (run_dirs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("epoch") for r in records] == [1, None]  # written once, not once per rank
+    assert records[0]["val_images"] == 30
+    ckpts = list((run_dirs[0] / "checkpoints").glob("step-*.pt"))
+    assert len(ckpts) == 1
+    state = torch.load(ckpts[0], weights_only=True)
+    assert state["world_size"] == 2 and state["eval_running_stats"]
+    from mabn.models import build_model
+
+    model = build_model("resnet18", norm="mabn", num_classes=10, width=8, stem="small", norm_batch=4)
+    model.load_state_dict(state["model"])
+    # ... and a single process continues the run from it
+    cont = subprocess.run(train_command(tiny_shapes, tmp_path, "norm=mabn", "data.batch_per_gpu=4", "schedule.epochs=2",
+                                        f"train.resume={ckpts[0]}", "run_name=continued"),
+                          capture_output=True, text=True, timeout=300)
+    assert cont.returncode == 0, cont.stderr[-2000:]
+
+
+def test_launch_refuses_more_gpus_than_visible_and_a_busy_port():
+    if torch.cuda.device_count() < 64:
+        out = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch.py"), "--gpus", "64", "--"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and "GPUS=64 but" in out.stderr and "GPUs are visible" in out.stderr
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = subprocess.run(_launch(port), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and f"MASTER_PORT={port} is in use" in out.stderr
