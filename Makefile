@@ -17,6 +17,7 @@ NODES ?= 1
 NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
+OUTPUTS ?= outputs
 # Sweep axes for `make sweep`.
 NORMS ?= bn,brn,gn,mabn
 BATCHES ?= 2,32
@@ -34,11 +35,13 @@ else
 LAUNCH := $(LAUNCHER) --gpus $(GPUS) --
 endif
 
-.PHONY: help install train sweep test test-slow bench tensorboard data clean-venv
+
+.PHONY: help install train sweep table plot test test-slow bench tensorboard data clean-venv
 
 help:
 	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
+	@echo "make table | make plot     results.md/.csv and the error-vs-batch plot of every run under outputs/"
 	@echo "make test | make test-slow | make bench | make tensorboard"
 
 install: $(INSTALLED)
@@ -54,6 +57,14 @@ train: $(INSTALLED)
 
 sweep: $(INSTALLED)
 	$(PY) -m mabn.train --multirun norm=$(NORMS) data.batch_per_gpu=$(BATCHES) $(SWEEP_ARGS) $(ARGS)
+	$(PY) scripts/results_table.py $(OUTPUTS)/train
+	$(PY) scripts/plot_results.py error-vs-batch $(OUTPUTS)/train --out $(OUTPUTS)/train/error_vs_batch.png
+
+table: $(INSTALLED)
+	$(PY) scripts/results_table.py $(OUTPUTS)
+
+plot: $(INSTALLED)
+	$(PY) scripts/plot_results.py error-vs-batch $(OUTPUTS) --out $(OUTPUTS)/error_vs_batch.png --paper
 
 data: $(INSTALLED)
 	$(PY) scripts/make_shapes_dataset.py

@@ -101,6 +101,9 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
             x = x.contiguous(memory_format=torch.channels_last)
         micro = progress.batch % accum
         last_micro = micro == accum - 1
+        recording = job.batch_stats is not None and micro == 0 and progress.step % cfg.stats.every == 0
+        if recording:
+            job.batch_stats.arm()
         sync_ctx = model.no_sync() if (info.enabled and not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
             with autocast(info.device, cfg.train.amp):
@@ -112,6 +115,8 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
                 job.scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach()
                 loss_count += 1
+        if recording:
+            job.batch_stats.flush(progress.step)
         images += x.shape[0]
         progress.batch += 1
         if last_micro:

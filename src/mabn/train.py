@@ -18,8 +18,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 from . import checkpoint as ckpt
+from .batch_stats import BatchStatsRecorder, select_layers
 from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
 from .distributed import DistInfo, cleanup, init_distributed, rank_averaged_running_stats
@@ -84,8 +86,27 @@ class Job:
         self.checkpoints = ckpt.CheckpointDir(run_dir, cfg.train.checkpoint_keep)
         self.writer = SummaryWriter(str(run_dir / "tb")) if info.is_main else None
         self.metrics_path = run_dir / "metrics.jsonl"
+        if self.writer is not None:
+            self._write_hparams()
+        self.batch_stats = None
+        if cfg.stats.enabled and info.is_main:
+            layers = select_layers(net, list(cfg.stats.layers) if cfg.stats.layers else None)
+            self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, self.writer, run_dir / "batch_stats.jsonl")
 
     # -- logging --------------------------------------------------------------------------------
+    def hparams(self) -> dict:
+        """What distinguishes this run in a comparison (TensorBoard HParams, result tables)."""
+        cfg = self.cfg
+        return dict(norm=cfg.norm.name, norm_batch=cfg.norm.norm_batch, batch_per_gpu=cfg.data.batch_per_gpu,
+                    world_size=self.info.world_size, sgd_batch=self.sgd_batch, lr=self.peak_lr, model=cfg.model.name,
+                    data=cfg.data.name, seed=cfg.seed, tag=cfg.tag, epochs=cfg.schedule.epochs)
+
+    def _write_hparams(self) -> None:
+        # The HParams plugin joins these with the val/* scalars written to the same run.
+        exp, ssi, sei = hparams(self.hparams(), {"val/top1_err": float("nan"), "val/top5_err": float("nan")})
+        for summary in (exp, ssi, sei):
+            self.writer.file_writer.add_summary(summary)
+
     def set_lr(self, step: int) -> None:
         set_lr(self.optimizer, self.schedule(step))
 
@@ -193,7 +214,8 @@ def run(cfg: DictConfig) -> dict:
                 log.warning("evaluated %d images, the val set has %d", val_stats["val_images"], job.loaders.val_size)
             is_best = val_stats["val_top1_err"] < progress.best_top1_err
             progress.best_top1_err = min(progress.best_top1_err, val_stats["val_top1_err"])
-            record = dict(epoch=progress.epoch + 1, step=progress.step, lr=job.optimizer.param_groups[0]["lr"],
+            record = dict(epoch=progress.epoch + 1, epochs=cfg.schedule.epochs, step=progress.step,
+                          lr=job.optimizer.param_groups[0]["lr"],
                           **{k: v for k, v in train_stats.items() if k != "stopped"}, **val_stats,
                           epoch_seconds=time.time() - started)
             progress.epoch, progress.batch = progress.epoch + 1, 0
@@ -203,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
                 log.info("epoch %d/%d: loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, %.0f img/s",
                          record["epoch"], cfg.schedule.epochs, record["train_loss"], record["val_top1_err"],
                          record["val_top5_err"], record["images_per_sec"])
-        final = dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
+        final = dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err, **job.hparams())
         if info.is_main:
             job.append_metrics(final)
         return final

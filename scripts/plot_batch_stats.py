@@ -1,0 +1,70 @@
+#!/usr/bin/env python
+"""Plot the batch statistics recorded with `stats.enabled=true` (SPEC §6) for two or more runs side by side,
+and print, per layer, the standard deviation of each statistic over iterations: the paper's argument
+that the backward statistics (g_B, Psi_B) are as noisy as the forward ones, as a picture and a number.
+
+  python scripts/plot_batch_stats.py outputs/train/bn_b2 outputs/train/bn_b32 outputs/train/mabn_b2 --out stats.png
+"""
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from mabn.results import load_run  # noqa: E402
+
+STATISTICS = ["mu_B", "sigma2_B", "g_B", "Psi_B"]
+
+
+def load_stats(run_dir: pathlib.Path) -> tuple[str, dict]:
+    path = run_dir / "batch_stats.jsonl"
+    if not path.is_file():
+        sys.exit(f"error: {path} missing; train with stats.enabled=true")
+    series: dict = {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        for layer, values in record["layers"].items():
+            for key, value in values.items():
+                series.setdefault(layer, {}).setdefault(key, []).append((record["step"], value))
+    run = load_run(run_dir)
+    label = f"{run.norm} b={run.norm_batch} N={run.batch_per_gpu}{run.tag}" if run else run_dir.name
+    return label, series
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="run dirs trained with stats.enabled=true")
+    parser.add_argument("--out", default="batch_stats.png")
+    args = parser.parse_args()
+    loaded = [load_stats(pathlib.Path(r)) for r in args.runs]
+    layers = sorted({layer for _, series in loaded for layer in series})
+    fig, axes = plt.subplots(len(layers), len(STATISTICS), figsize=(4 * len(STATISTICS), 3 * len(layers)), squeeze=False)
+    print("| layer | run | " + " | ".join(f"std {s}" for s in STATISTICS) + " |")
+    print("|---|---|" + "---|" * len(STATISTICS))
+    for row, layer in enumerate(layers):
+        for label, series in loaded:
+            stds = []
+            for col, stat in enumerate(STATISTICS):
+                points = series.get(layer, {}).get(stat, [])
+                if points:
+                    axes[row][col].plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=0.8)
+                values = [p[1] for p in points]
+                stds.append(f"{statistics.pstdev(values):.3g}" if len(values) > 1 else "-")
+            print(f"| {layer} | {label} | " + " | ".join(stds) + " |")
+        for col, stat in enumerate(STATISTICS):
+            axes[row][col].set_title(f"{layer}: {stat}", fontsize=9)
+            axes[row][col].set_xlabel("step")
+            axes[row][col].grid(alpha=0.3)
+        axes[row][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

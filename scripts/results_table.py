@@ -1,0 +1,35 @@
+#!/usr/bin/env python
+"""Top-1 error table of every run under the given folders, with the paper's numbers beside.
+
+  python scripts/results_table.py outputs            # writes outputs/results.md and outputs/results.csv
+  python scripts/results_table.py outputs/repro --out docs/results
+"""
+import argparse
+import pathlib
+import sys
+
+from mabn.results import find_runs, group_runs, to_csv, to_markdown
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("roots", nargs="*", default=["outputs"], help="folders holding run dirs (searched recursively)")
+    parser.add_argument("--out", help="folder for results.md and results.csv (default: the first root)")
+    args = parser.parse_args()
+    runs = find_runs(*args.roots)
+    if not runs:
+        print(f"error: no run dirs (metrics.jsonl + .hydra/config.yaml) under {', '.join(args.roots)}", file=sys.stderr)
+        return 2
+    rows = group_runs(runs)
+    out = pathlib.Path(args.out or args.roots[0])
+    out.mkdir(parents=True, exist_ok=True)
+    markdown = to_markdown(rows)
+    (out / "results.md").write_text(markdown)
+    (out / "results.csv").write_text(to_csv(rows))
+    print(markdown)
+    print(f"({len(runs)} runs; written to {out / 'results.md'} and {out / 'results.csv'})", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The paper's batch statistics (SPEC §6), recorded by hooks that leave the math untouched.
+
+For one channel of chosen norm layers, on the first normalization group of a logged iteration:
+forward mu_B and sigma^2_B of the input; backward g_B = mean(dL/dy gamma) and
+Psi_B = mean(dL/dy gamma y_hat), with y_hat = (y - beta) / gamma the layer's own normalized
+output (so BRN's r, d and MABN's r are included); and the values the layer actually runs on
+instead: BN's and BRN's running mean/variance, MABN's moving averages of chi_B (forward) and of
+Psi_B (backward). Nothing is registered unless recording is enabled.
+"""
+import json
+import pathlib
+
+import torch
+from torch import nn
+
+from .config import ConfigError
+from .norms import BatchRenorm2d, GhostBatchNorm2d, MABN2d
+
+
+def _group_size(layer: nn.Module, batch: int) -> int:
+    return getattr(layer, "norm_batch", None) or batch
+
+
+class BatchStatsRecorder:
+    """Hooks on `layers` ({name: module}); `arm()` before a logged iteration, `flush(step)` after backward."""
+
+    def __init__(self, layers: dict[str, nn.Module], channel: int = 0, writer=None, path=None):
+        self.layers, self.channel, self.writer = layers, channel, writer
+        self.path = pathlib.Path(path) if path else None
+        self.armed, self.current, self.handles = False, {}, []
+        for name, layer in layers.items():
+            self.handles.append(layer.register_forward_hook(self._forward_hook(name)))
+
+    def arm(self) -> None:
+        self.armed, self.current = True, {}
+
+    def _forward_hook(self, name):
+        def hook(layer, inputs, output):
+            if not (self.armed and layer.training):
+                return
+            c, b = self.channel, _group_size(layer, inputs[0].shape[0])
+            with torch.no_grad():
+                x = inputs[0][:b, c].detach().double()
+                gamma, beta = layer.weight[c].detach().double(), layer.bias[c].detach().double()
+                y_hat = (output[:b, c].detach().double() - beta) / gamma
+                record = {"mu_B": x.mean().item(), "sigma2_B": x.var(unbiased=False).item()}
+                record.update(_used_forward_statistics(layer, c))
+            self.current[name] = record
+
+            def grad_hook(grad):
+                with torch.no_grad():
+                    g = grad[:b, c].detach().double() * gamma
+                    record["g_B"] = g.mean().item()
+                    record["Psi_B"] = (g * y_hat).mean().item()
+
+            if output.requires_grad:
+                output.register_hook(grad_hook)
+
+        return hook
+
+    def flush(self, step: int) -> None:
+        """Write the armed iteration's statistics (call after backward)."""
+        if not self.armed:
+            return
+        for name, record in self.current.items():
+            layer = self.layers[name]
+            if isinstance(layer, MABN2d) and layer.average == "sma":  # the layer's backward has run now
+                record["Psi_avg"] = _ring_mean(layer.psi_ring, layer.psi_seen, self.channel)
+            if self.writer is not None:
+                for key, value in record.items():
+                    self.writer.add_scalar(f"batch_stats/{name}/{key}", value, step)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "channel": self.channel, "layers": self.current}) + "\n")
+        self.armed = False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _used_forward_statistics(layer: nn.Module, c: int) -> dict:
+    """The statistics the layer runs on in place of the batch's (after this forward's update)."""
+    if isinstance(layer, MABN2d):
+        return {"chi_avg": _ring_mean(layer.chi_ring, layer.chi_seen, c), "running_var": layer.running_var[c].item()}
+    if isinstance(layer, BatchRenorm2d):
+        return {"running_mean": layer.running_mean[c].item(), "running_var": layer.running_std[c].item() ** 2}
+    if isinstance(layer, GhostBatchNorm2d):
+        return {"running_mean": layer.running_mean[c].item(), "running_var": layer.running_var[c].item()}
+    return {}
+
+
+def _ring_mean(ring: torch.Tensor, seen: torch.Tensor, c: int) -> float:
+    """Mean of the filled entries of a moving-average ring (the SMA once it is full)."""
+    filled = min(int(seen), ring.shape[0])
+    return ring[:filled, c].mean().item() if filled else float("nan")
+
+
+def select_layers(model: nn.Module, names: list[str] | None) -> dict[str, nn.Module]:
+    """The norm layers to record: the named ones, or by default the first and the last."""
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, (GhostBatchNorm2d, BatchRenorm2d, MABN2d))}
+    if names:
+        unknown = [n for n in names if n not in norms]
+        if unknown:
+            raise ConfigError(f"stats.layers {unknown} are not norm layers of the model; valid e.g. {list(norms)[:4]}")
+        return {n: norms[n] for n in names}
+    keys = list(norms)
+    return {k: norms[k] for k in (keys[:1] + keys[-1:])} if keys else {}

@@ -1,0 +1,153 @@
+"""Result tables from run dirs: group runs by setting, average over seeds, lay the paper's numbers beside."""
+import csv
+import io
+import json
+import math
+import pathlib
+import statistics
+from dataclasses import dataclass, field
+
+from omegaconf import OmegaConf
+
+# SPEC §5: ResNet-50 ImageNet val top-1 error (%), by (norm, normalization batch).
+PAPER_TABLE = {("bn", 32): 23.41, ("bn", 2): 35.22, ("brn", 2): 30.29, ("mabn", 2): 23.67}
+# The paper's figure (read off the plot, +-0.1) and GN's batch-independent number (GN paper).
+PAPER_FIGURE = {
+    "bn": {32: 23.4, 16: 24.3, 8: 25.45, 4: 27.9, 2: 35.2},
+    "brn": {32: 23.55, 16: 24.4, 8: 25.3, 4: 26.85, 2: 30.3},
+    "mabn": {32: 23.6, 16: 23.6, 8: 23.6, 4: 23.6, 2: 23.67},
+    "gn": {32: 24.1, 16: 24.1, 8: 24.1, 4: 24.1, 2: 24.1},
+}
+
+
+def paper_top1_err(norm: str, norm_batch: int) -> float | None:
+    return PAPER_TABLE.get((norm, norm_batch), PAPER_FIGURE.get(norm, {}).get(norm_batch))
+
+
+@dataclass
+class Run:
+    path: pathlib.Path
+    data: str
+    model: str
+    norm: str
+    norm_batch: int
+    batch_per_gpu: int
+    tag: str
+    seed: int
+    schedule_epochs: int
+    epochs: list[dict] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def key(self) -> tuple:
+        return (self.data, self.model, self.schedule_epochs, self.norm, self.norm_batch, self.batch_per_gpu, self.tag)
+
+    @property
+    def final_err(self) -> float | None:
+        return self.epochs[-1]["val_top1_err"] if self.epochs else None
+
+    @property
+    def best_err(self) -> float | None:
+        return min(e["val_top1_err"] for e in self.epochs) if self.epochs else None
+
+
+def load_run(run_dir: pathlib.Path) -> Run | None:
+    config_file, metrics_file = run_dir / ".hydra" / "config.yaml", run_dir / "metrics.jsonl"
+    if not (config_file.is_file() and metrics_file.is_file()):
+        return None
+    cfg = OmegaConf.load(config_file)
+    run = Run(
+        path=run_dir, data=cfg.data.name, model=cfg.model.name, norm=cfg.norm.name,
+        norm_batch=int(cfg.norm.norm_batch), batch_per_gpu=int(cfg.data.batch_per_gpu), tag=str(cfg.get("tag", "")),
+        seed=int(cfg.seed), schedule_epochs=int(cfg.schedule.epochs),
+    )
+    for line in metrics_file.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if "epoch" in record:
+            run.epochs.append(record)
+        elif record.get("event") == "finished":
+            run.finished = True
+    return run
+
+
+def find_runs(*roots: str | pathlib.Path) -> list[Run]:
+    """Every run dir (a metrics.jsonl beside .hydra/config.yaml) under the roots, single runs and sweeps alike."""
+    runs = []
+    for root in roots:
+        for metrics in sorted(pathlib.Path(root).rglob("metrics.jsonl")):
+            run = load_run(metrics.parent)
+            if run is not None:
+                runs.append(run)
+    return runs
+
+
+@dataclass
+class Row:
+    key: tuple
+    finished: list[Run]
+    unfinished: list[Run]
+
+    def stat(self, attr: str) -> tuple[float, float] | None:
+        values = [getattr(r, attr) for r in self.finished]
+        if not values:
+            return None
+        return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else math.nan)
+
+
+def group_runs(runs: list[Run]) -> list[Row]:
+    groups: dict[tuple, Row] = {}
+    for run in runs:
+        row = groups.setdefault(run.key, Row(run.key, [], []))
+        (row.finished if run.finished else row.unfinished).append(run)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1], k[2], k[6], k[3], -k[4], -k[5]))]
+
+
+COLUMNS = ["data", "model", "epochs", "norm", "b", "N", "tag", "runs", "final top-1 err", "best top-1 err", "paper", "delta",
+           "unfinished"]
+
+
+def _fmt(stat) -> str:
+    if stat is None:
+        return "-"
+    mean, std = stat
+    return f"{mean:.2f}" if math.isnan(std) else f"{mean:.2f} ± {std:.2f}"
+
+
+def table_rows(rows: list[Row]) -> list[list[str]]:
+    out = []
+    for row in rows:
+        data, model, epochs, norm, b, n, tag = row.key
+        final = row.stat("final_err")
+        paper = paper_top1_err(norm, b)
+        comparable = paper is not None and final is not None and model == "resnet50" and data == "imagenet"
+        out.append([
+            data, model, str(epochs), norm, str(b), str(n), tag or "", str(len(row.finished)), _fmt(final), _fmt(row.stat("best_err")),
+            f"{paper:.2f}" if paper is not None else "-", f"{final[0] - paper:+.2f}" if comparable else "-",
+            str(len(row.unfinished)) if row.unfinished else "",
+        ])
+    return out
+
+
+def to_markdown(rows: list[Row]) -> str:
+    body = table_rows(rows)
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
+    note = ("\nTop-1 error in % on the val set, mean ± std over finished runs (seeds); `paper`: the paper's "
+            "ResNet-50 ImageNet number for that norm and normalization batch (SPEC §5; GN from the GN paper), "
+            "`delta` only where the run is ResNet-50 on ImageNet. Unfinished runs are counted, not averaged.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+def to_csv(rows: list[Row]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["data", "model", "epochs", "norm", "norm_batch", "batch_per_gpu", "tag", "runs", "final_err_mean",
+                     "final_err_std", "best_err_mean", "best_err_std", "paper_err", "unfinished"])
+    for row in rows:
+        final, best = row.stat("final_err"), row.stat("best_err")
+        paper = paper_top1_err(row.key[3], row.key[4])
+        writer.writerow([*row.key, len(row.finished), *(final or ("", "")), *(best or ("", "")),
+                         "" if paper is None else paper, len(row.unfinished)])
+    return buffer.getvalue()

@@ -1,0 +1,80 @@
+"""Result tables and plots from real tiny runs: grouping, counts and numbers checked against metrics files."""
+import json
+import math
+import statistics
+import subprocess
+import sys
+
+import pytest
+
+from mabn.results import find_runs, group_runs, paper_top1_err, to_markdown
+
+from .conftest import ROOT, train_command
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(tiny_shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep")
+    cmd = train_command(tiny_shapes, out, "norm=bn,mabn", "data.batch_per_gpu=4,8", "seed=0,1",
+                        "train.max_batches_per_epoch=4", "stats.enabled=true", "stats.every=1")
+    cmd.insert(3, "--multirun")  # after `-m mabn.train`
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # one more run of a setting, cut short: it must be counted as unfinished, not averaged
+    unfinished = out / "train" / "shapes10-resnet18_cpu-bn-b4-n4-s7"
+    (unfinished / ".hydra").mkdir(parents=True)
+    (unfinished / ".hydra" / "config.yaml").write_text(
+        (out / "train" / "shapes10-resnet18_cpu-bn-b4-n4-s0" / ".hydra" / "config.yaml").read_text().replace("seed: 0", "seed: 7"))
+    (unfinished / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_top1_err": 1.0}) + "\n")
+    return out
+
+
+def _final_errors(run_dirs):
+    errs = []
+    for d in run_dirs:
+        records = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        errs.append([r for r in records if "epoch" in r][-1]["val_top1_err"])
+    return errs
+
+
+def test_table_groups_counts_and_averages_match_the_runs(sweep_dir):
+    runs = find_runs(sweep_dir)
+    assert len(runs) == 9
+    rows = group_runs(runs)
+    assert len(rows) == 4
+    for row in rows:
+        _, _, _, norm, b, n, _ = row.key
+        assert len(row.finished) == 2 and sorted(r.seed for r in row.finished) == [0, 1]
+        dirs = [sweep_dir / "train" / f"shapes10-resnet18_cpu-{norm}-b{b}-n{n}-s{s}" for s in (0, 1)]
+        expected = _final_errors(dirs)
+        mean, std = row.stat("final_err")
+        assert math.isclose(mean, statistics.fmean(expected)) and math.isclose(std, statistics.stdev(expected))
+        assert len(row.unfinished) == (1 if (norm, n) == ("bn", 4) else 0)
+    markdown = to_markdown(rows)
+    assert markdown.count("\n| shapes10 |") == 4 and "| 2 |" in markdown
+
+
+def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), str(sweep_dir), "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "results.md").read_text().strip() == out.stdout.strip()
+    assert len((tmp_path / "results.csv").read_text().splitlines()) == 5
+    plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_results.py"), "error-vs-batch", str(sweep_dir),
+                           "--out", str(tmp_path / "evb.png"), "--paper"], capture_output=True, text=True, timeout=120)
+    assert plot.returncode == 0, plot.stderr
+    runs = sorted((sweep_dir / "train").glob("*-s0"))
+    curves = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_results.py"), "curves", *map(str, runs),
+                             "--out", str(tmp_path / "curves.png")], capture_output=True, text=True, timeout=120)
+    assert curves.returncode == 0, curves.stderr
+    stats = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *map(str, runs[:2]),
+                            "--out", str(tmp_path / "stats.png")], capture_output=True, text=True, timeout=120)
+    assert stats.returncode == 0, stats.stderr
+    assert "std Psi_B" in stats.stdout and stats.stdout.count("| bn1 |") == 2
+    for png in ("evb.png", "curves.png", "stats.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_paper_numbers():
+    assert paper_top1_err("bn", 2) == 35.22 and paper_top1_err("mabn", 2) == 23.67 and paper_top1_err("brn", 2) == 30.29
+    assert paper_top1_err("gn", 32) == 24.1 and paper_top1_err("bn", 32) == 23.41
