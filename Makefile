@@ -22,6 +22,7 @@ OUTPUTS ?= outputs
 NORMS ?= bn,brn,gn,mabn
 BATCHES ?= 2,32
 SWEEP_ARGS ?= schedule.epochs=2
+BENCH_ARGS ?=
 
 OVERRIDES := $(if $(EXP),experiment=$(EXP)) $(if $(NORM),norm=$(NORM)) $(if $(BS),data.batch_per_gpu=$(BS)) \
              $(if $(RESUME),train.resume=$(RESUME)) $(ARGS)
@@ -74,6 +75,9 @@ test: $(INSTALLED)
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -q -m slow
+
+bench: $(INSTALLED)
+	$(PY) -m scripts.bench.run_all --out $(OUTPUTS)/bench $(BENCH_ARGS)
 
 tensorboard: $(INSTALLED)
 	$(VENV)/bin/tensorboard --logdir outputs

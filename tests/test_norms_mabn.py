@@ -188,3 +188,22 @@ def test_mabn_statistics_in_float32_under_half_input():
     y = layer(x)
     assert y.dtype == torch.float16 and torch.isfinite(y).all()
     assert torch.isfinite(layer.running_var).all()
+
+
+def test_compiled_kernels_match_the_eager_layer():
+    """kernel='compiled' (torch.compile'd passes) runs the same math: the reference test's tolerance holds."""
+    torch.manual_seed(0)
+    eager = MABN2d(3, norm_batch=2, window=2, warmup=2, renorm_start=3).double()
+    fused = MABN2d(3, norm_batch=2, window=2, warmup=2, renorm_start=3, kernel="compiled").double()
+    for _ in range(6):
+        x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3
+        dy = torch.randn_like(x)
+        outs = []
+        for layer in (eager, fused):
+            layer.weight.grad = None
+            xl = x.clone().requires_grad_(True)
+            y = layer(xl)
+            y.backward(dy)
+            outs.append((y.detach(), xl.grad, layer.weight.grad.clone(), layer.running_var.clone(), layer.psi_ring.clone()))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b, **TOL)

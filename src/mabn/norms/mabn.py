@@ -52,14 +52,53 @@ def push_and_average(ring: torch.Tensor, seen: torch.Tensor, stats: torch.Tensor
     return averaged, ready
 
 
+def second_moment(groups: torch.Tensor) -> torch.Tensor:
+    """chi_B per (group, channel) of the (G, b, C, H*W) view: one pass, no temporary of x's size."""
+    count = groups.shape[1] * groups.shape[3]
+    return torch.linalg.vector_norm(groups, 2, dim=(1, 3)).square() / count
+
+
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift with (N, C, 1, 1) scale and (C, 1, 1) shift, in one pass."""
+    return torch.addcmul(shift, x, scale)
+
+
+def grad_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum dy, sum dy x) per (group, channel) of (G, b, C, H*W) views."""
+    return dy.sum(dim=(1, 3)), (dy * x).sum(dim=(1, 3))
+
+
+def grad_input(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """dy * a - x * b with (N, C, 1, 1) coefficients."""
+    return torch.addcmul(dy * a, x, b, value=-1)
+
+
+KERNELS = ("eager", "compiled")
+_compiled: dict = {}
+
+
+def kernels(kind: str):
+    """The elementwise/reduction kernels: eager torch ops, or the same functions fused by torch.compile
+    (one pass each instead of two or three; compiled on first use per shape family)."""
+    if kind == "eager":
+        return second_moment, scale_shift, grad_sums, grad_input
+    if kind not in KERNELS:
+        raise ValueError(f"unknown MABN kernel '{kind}'; valid: {', '.join(KERNELS)}")
+    if not _compiled:
+        for fn in (second_moment, scale_shift, grad_sums, grad_input):
+            _compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+    return _compiled["second_moment"], _compiled["scale_shift"], _compiled["grad_sums"], _compiled["grad_input"]
+
+
 class MABNFunction(torch.autograd.Function):
     """MABN training forward/backward with explicit backward; `layer` holds the state it advances."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer):
         groups = group_view(layer, x, layer.norm_batch)
+        second_moment, scale_shift, _, _ = kernels(layer.kernel)
         groups = groups.to(torch.promote_types(x.dtype, torch.float32))  # x^2 overflows in half precision
-        chi = (groups * groups).mean(dim=(1, 3))  # (G, C)
+        chi = second_moment(groups)  # (G, C)
         averaged, ready = push_and_average(layer.chi_ring, layer.chi_seen, chi, layer.average)
         t = layer.num_batches_tracked
         warm = t >= layer.warmup
@@ -72,8 +111,7 @@ class MABNFunction(torch.autograd.Function):
             r = torch.where(t > max(layer.renorm_start, layer.warmup), clipped, torch.ones_like(clipped))
         else:
             r = torch.ones_like(var)
-        b = groups.shape[1]
-        y = x.to(groups.dtype) * per_sample(weight * r * inv_std, b) + bias[:, None, None]
+        y = scale_shift(x.to(groups.dtype), per_sample(weight * r * inv_std, groups.shape[1]), bias[:, None, None])
         layer.running_var.lerp_(var.mean(0), 1 - layer.momentum)
         ctx.save_for_backward(x, weight, inv_std, r, warm.clone())
         ctx.layer = layer
@@ -83,19 +121,18 @@ class MABNFunction(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, inv_std, r, warm = ctx.saved_tensors
         layer = ctx.layer
+        _, _, grad_sums, grad_input = kernels(layer.kernel)
         dtype = inv_std.dtype
         groups = group_view(layer, x, layer.norm_batch).to(dtype)
         dy = grad_out.reshape(groups.shape).to(dtype)
         count = groups.shape[1] * groups.shape[3]
-        sum_dy = dy.sum(dim=(1, 3))  # (G, C)
-        sum_dy_x = (dy * groups).sum(dim=(1, 3))
+        sum_dy, sum_dy_x = grad_sums(dy, groups)  # (G, C) each
         psi = weight * r * inv_std * sum_dy_x / count  # mean over the group of g z
         averaged, ready = push_and_average(layer.psi_ring, layer.psi_seen, psi, layer.average)
         mean_gz = torch.where((ready & warm & layer.average_backward)[:, None], averaged, psi)
         b = groups.shape[1]
-        grad_x = grad_out.to(dtype) * per_sample(weight * r * inv_std, b) - x.to(dtype) * per_sample(
-            inv_std * inv_std * mean_gz, b
-        )
+        grad_x = grad_input(grad_out.to(dtype), x.to(dtype), per_sample(weight * r * inv_std, b),
+                            per_sample(inv_std * inv_std * mean_gz, b))
         grad_weight = (r * inv_std * sum_dy_x).sum(0)
         grad_bias = sum_dy.sum(0)
         return grad_x.to(x.dtype), grad_weight.to(weight.dtype), grad_bias.to(weight.dtype), None
@@ -107,7 +144,8 @@ class MABN2d(nn.Module):
     `norm_batch=None`: the whole forward batch is one normalization group. `momentum` is the weight
     of the old running_var (0.98). Ablation switches: `average_forward` / `average_backward` turn
     the moving average off on one side (current statistics only), `average='ema'` swaps the SMA for
-    an EMA with the same centre of mass, `renorm=False` keeps r = 1.
+    an EMA with the same centre of mass, `renorm=False` keeps r = 1. `kernel='compiled'` fuses the
+    elementwise passes with torch.compile (same math; worth it on long runs, costs compile time).
     """
 
     def __init__(
@@ -124,16 +162,20 @@ class MABN2d(nn.Module):
         average: str = "sma",
         average_forward: bool = True,
         average_backward: bool = True,
+        kernel: str = "eager",
     ):
         super().__init__()
         if average not in AVERAGES:
             raise ValueError(f"MABN2d: average='{average}' is not one of {', '.join(AVERAGES)}")
+        if kernel not in KERNELS:
+            raise ValueError(f"MABN2d: kernel='{kernel}' is not one of {', '.join(KERNELS)}")
         if window < 1:
             raise ValueError(f"MABN2d: window={window} must be >= 1")
         self.num_features, self.norm_batch, self.window, self.warmup = num_features, norm_batch, window, warmup
         self.eps, self.momentum = eps, momentum
         self.renorm, self.renorm_start, self.renorm_clip = renorm, renorm_start, renorm_clip
         self.average, self.average_forward, self.average_backward = average, average_forward, average_backward
+        self.kernel = kernel
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
         self.register_buffer("running_var", torch.ones(num_features))

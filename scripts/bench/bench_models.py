@@ -1,0 +1,78 @@
+"""ResNet-50: training step images/s per norm at batch 2 and 32, saved-activation memory, and inference
+images/s of BN vs MABN folded vs MABN unfolded vs GN."""
+import torch
+import torch.nn.functional as F
+
+from mabn.fold import fold_norms
+from mabn.models import resnet50
+
+from .common import compare, markdown_table
+
+NORMS = ["bn", "brn", "gn", "mabn"]
+
+
+def saved_activation_bytes(model, x, y) -> int:
+    """Bytes autograd keeps for backward in one training step (what differs between norms)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        F.cross_entropy(model(x), y).backward()
+    return total
+
+
+def train_step_rows(device, resolution, batches, quick):
+    rows, ratios = [], {}
+    for batch in batches:
+        x = torch.randn(batch, 3, resolution, resolution, device=device)
+        y = torch.randint(0, 1000, (batch,), device=device)
+        models, fns = {}, {}
+        for norm in NORMS:
+            torch.manual_seed(0)
+            model = resnet50(norm).to(device).train()
+            opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+            models[norm] = model
+
+            def step(model=model, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+
+            fns[norm] = step
+        times = compare(fns, device, rounds=2 if quick else 3, min_run_time=0.5 if quick else 1.0)
+        for norm in NORMS:
+            memory = saved_activation_bytes(models[norm], x, y) / 2**20
+            rows.append([str(batch), norm, f"{batch / times[norm]:.1f}", f"{times[norm] / times['bn']:.2f}", f"{memory:.0f}"])
+            ratios[f"{norm}_b{batch}"] = times[norm] / times["bn"]
+    return rows, ratios
+
+
+def inference_rows(device, resolution, batch, quick):
+    x = torch.randn(batch, 3, resolution, resolution, device=device)
+    nets = {}
+    for norm in ("bn", "mabn", "gn"):
+        torch.manual_seed(0)
+        nets[norm] = resnet50(norm).to(device).eval()
+    nets["mabn folded"] = fold_norms(nets["mabn"])
+    nets["bn folded"] = fold_norms(nets["bn"])
+    fns = {name: (lambda net=net: net(x)) for name, net in nets.items()}
+    with torch.no_grad():
+        times = compare(fns, device, rounds=2 if quick else 5, min_run_time=0.5)
+    rows = [[name, f"{batch / t:.1f}", f"{t / times['bn']:.2f}"] for name, t in times.items()]
+    return rows, {f"infer_{k}": v / times["bn"] for k, v in times.items()}
+
+
+def run(device: str, quick: bool = False) -> tuple[str, dict]:
+    gpu = device.startswith("cuda")
+    resolution = 224 if gpu else (64 if quick else 96)
+    train_rows, train_ratios = train_step_rows(device, resolution, [2, 32] if not quick else [2, 8], quick)
+    infer_rows, infer_ratios = inference_rows(device, resolution, 32 if not quick else 8, quick)
+    text = f"Training step, ResNet-50 at {resolution} px (forward, backward, SGD step):\n\n"
+    text += markdown_table(["batch", "norm", "images/s", "time / BN", "saved activations (MiB)"], train_rows)
+    text += f"\nInference, ResNet-50 at {resolution} px, eval mode:\n\n"
+    text += markdown_table(["model", "images/s", "time / BN"], infer_rows)
+    return text, {**train_ratios, **infer_ratios}

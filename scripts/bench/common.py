@@ -1,0 +1,45 @@
+"""Side-by-side timing for the benchmarks: every candidate of a comparison is measured in the same process,
+interleaved over several rounds, and reported as a ratio to the baseline with the absolute times beside."""
+import statistics
+import time
+from typing import Callable
+
+import torch
+from torch.utils.benchmark import Timer
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def compare(candidates: dict[str, Callable[[], None]], device: str, rounds: int = 5, min_run_time: float = 0.3) -> dict:
+    """Median seconds per call of each candidate, measured round-robin so that machine noise hits all alike."""
+    for fn in candidates.values():  # warm-up (allocator, lazy init, compilation)
+        fn()
+    synchronize(device)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            timer = Timer("fn(); sync()", globals={"fn": fn, "sync": lambda: synchronize(device)})
+            samples[name].append(timer.blocked_autorange(min_run_time=min_run_time).median)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(device)
+    return f"CPU, {torch.get_num_threads()} threads"
+
+
+def wall(fn: Callable[[], None], device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start

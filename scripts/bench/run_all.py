@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""`make bench`: every benchmark, side by side in one process, as one markdown report.
+
+  python -m scripts.bench.run_all [--quick] [--device cuda] [--out outputs/bench]
+"""
+import argparse
+import datetime
+import json
+import pathlib
+import platform
+import sys
+
+import torch
+
+from . import bench_loaders, bench_models, bench_norms
+from .common import device_name
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds (smoke run)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd MABN kernels")
+    parser.add_argument("--only", choices=["norms", "models", "loaders"], help="run one part")
+    parser.add_argument("--out", default="outputs/bench")
+    args = parser.parse_args()
+    parts = {
+        "norms": ("Norm layers: training forward + backward", lambda: bench_norms.run(args.device, args.quick, not args.no_compile)),
+        "models": ("ResNet-50: training step and inference", lambda: bench_models.run(args.device, args.quick)),
+        "loaders": ("Input pipelines", lambda: bench_loaders.run(args.device, args.quick)),
+    }
+    report = [f"# mabn benchmarks\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {device_name(args.device)}, "
+              f"torch {torch.__version__}, Python {platform.python_version()}. Ratios are measured side by side "
+              f"in one process (interleaved rounds, medians); absolute numbers beside them for scale.\n"]
+    numbers = {}
+    for key, (title, fn) in parts.items():
+        if args.only and key != args.only:
+            continue
+        print(f"running {key} ...", file=sys.stderr, flush=True)
+        text, values = fn()
+        report.append(f"## {title}\n\n{text}")
+        numbers.update(values)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "gpu" if args.device.startswith("cuda") else "cpu"
+    (out / f"bench_{suffix}.md").write_text("\n".join(report))
+    (out / f"bench_{suffix}.json").write_text(json.dumps(numbers, indent=1))
+    print("\n".join(report))
+    print(f"written to {out / f'bench_{suffix}.md'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
