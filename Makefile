@@ -37,12 +37,13 @@ LAUNCH := $(LAUNCHER) --gpus $(GPUS) --
 endif
 
 
-.PHONY: help install train sweep table plot test test-slow bench tensorboard data clean-venv
+.PHONY: help install train sweep table plot repro repro-report test test-slow bench tensorboard data clean-venv
 
 help:
 	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
 	@echo "make table | make plot     results.md/.csv and the error-vs-batch plot of every run under outputs/"
+	@echo "make repro [REPRO_SEEDS=0,1]   the paper's comparison on Imagenette (CPU setting), with ablations"
 	@echo "make test | make test-slow | make bench | make tensorboard"
 
 install: $(INSTALLED)
@@ -75,6 +76,21 @@ test: $(INSTALLED)
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -q -m slow
+
+# The paper's comparison on Imagenette (CPU setting), ablations included; ends in the table and plots.
+REPRO_SEEDS ?= 0,1
+REPRO_EXP ?= imagenette_cpu
+REPRO := $(PY) -m mabn.train --multirun experiment=$(REPRO_EXP) seed=$(REPRO_SEEDS) output_root=$(OUTPUTS) $(ARGS)
+repro: $(INSTALLED)
+	$(REPRO) norm=bn,brn,mabn norm.norm_batch=32,2
+	$(REPRO) norm=gn
+	$(REPRO) norm=bn,mabn data.batch_per_gpu=2 train.grad_accum=16
+	$(REPRO) norm=mabn norm.norm_batch=2 ablation=sma_forward_only,sma_backward_only,ema,no_centered_conv,no_renorm
+	$(MAKE) --no-print-directory repro-report
+
+repro-report: $(INSTALLED)
+	$(PY) scripts/results_table.py $(OUTPUTS)/$(REPRO_EXP)
+	$(PY) scripts/plot_results.py error-vs-batch $(OUTPUTS)/$(REPRO_EXP) --out $(OUTPUTS)/$(REPRO_EXP)/error_vs_batch.png
 
 bench: $(INSTALLED)
 	$(PY) -m scripts.bench.run_all --out $(OUTPUTS)/bench $(BENCH_ARGS)

@@ -29,8 +29,11 @@ def writable_dir_problem(path: pathlib.Path) -> str | None:
 
 def preflight(cfg: DictConfig, output_dir: str) -> None:
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    if not cfg.data.get("generate"):
+    how = cfg.data.get("generate")
+    if not how:
         check_layout(os.path.expanduser(str(cfg.data.root)))
+    elif how == "resize":
+        check_layout(os.path.expanduser(str(cfg.data.generate_options.source)))
     problem = writable_dir_problem(pathlib.Path(output_dir).absolute())
     if problem:
         raise ConfigError(f"output dir {output_dir!r} cannot be written ({problem}); set output_root to a writable folder")

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import shapes
+from .prepare import resize_tree
 from .folder import DatasetError, SeededImageFolder, check_layout, collate_skipping_unreadable
 from .samplers import EvalSampler, TrainSampler
 from .transforms import INPUT_FORMATS, Augmentation, torchvision_transform
@@ -35,9 +36,14 @@ class Loaders:
 def resolve_root(data_cfg) -> pathlib.Path:
     """The dataset folder, generating the embedded default dataset on first use."""
     root = pathlib.Path(os.path.expanduser(str(data_cfg.root)))
-    if data_cfg.get("generate") == "shapes" and not (root / "VERSION").is_file():
+    how = data_cfg.get("generate")
+    if how == "shapes" and not (root / "VERSION").is_file():
         log.info("generating the embedded shapes dataset into %s", root)
         shapes.generate(root, **data_cfg.get("generate_options", {}))
+    elif how == "resize" and not (root / "RESIZED").is_file():
+        options = data_cfg.generate_options
+        log.info("writing a %d px copy of %s into %s", options.short_side, options.source, root)
+        resize_tree(os.path.expanduser(str(options.source)), root, options.short_side, options.get("workers", 2))
     return root
 
 

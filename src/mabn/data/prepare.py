@@ -108,3 +108,47 @@ def find_unreadable(root: str | os.PathLike, workers: int = 2, progress: bool = 
             if reason is not None:
                 bad.append((path, reason))
     return bad
+
+
+def _resize_one(job: tuple[str, str, int]) -> str | None:
+    src, dst, short_side = job
+    try:
+        with Image.open(src) as img:
+            img = img.convert("RGB")
+            scale = short_side / min(img.size)
+            size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+            img.resize(size, Image.BICUBIC, reducing_gap=3.0).save(dst, quality=90)
+        return None
+    except Exception as err:
+        return f"{src}: {type(err).__name__}: {err}"
+
+
+def resize_tree(src: str | os.PathLike, dst: str | os.PathLike, short_side: int, workers: int = 2,
+                progress: bool = True) -> pathlib.Path:
+    """A copy of an ImageNet-layout tree with every image's shorter side resized to `short_side` (JPEG),
+    so that small-resolution experiments do not decode full-size images every epoch. Written to a
+    staging folder and renamed into place when complete; an existing complete copy is reused."""
+    src, dst = pathlib.Path(src), pathlib.Path(dst)
+    marker = dst / "RESIZED"
+    if marker.is_file() and marker.read_text().strip() == f"{src.resolve()} {short_side}":
+        return dst
+    check = [split for split in ("train", "val") if not (src / split).is_dir()]
+    if check:
+        raise DatasetError(f"{src} has no {check[0]}/ folder to resize; expected an ImageNet-layout tree")
+    staging = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    jobs = []
+    for path in sorted(src.rglob("*")):
+        if path.is_file() and path.suffix.lower() in IMG_EXTENSIONS:
+            target = staging / path.relative_to(src).with_suffix(".JPEG")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            jobs.append((str(path), str(target), short_side))
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        failures = [f for f in tqdm(pool.map(_resize_one, jobs, chunksize=64), total=len(jobs), desc=f"resizing to {short_side}px",
+                                    unit="img", disable=not progress) if f]
+    if failures:
+        raise DatasetError(f"{len(failures)} images could not be resized (first: {failures[0]}); see scripts/verify_dataset.py")
+    (staging / "RESIZED").write_text(f"{src.resolve()} {short_side}\n")
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(staging, dst)
+    return dst

@@ -1,0 +1,31 @@
+#!/usr/bin/env python
+"""Make a copy of an ImageNet-layout tree at a small resolution (shorter side in pixels), for CPU experiments.
+
+  python scripts/resize_dataset.py --src ../shared/data/imagenette --dst .cache/datasets/imagenette-80px --short-side 80
+"""
+import argparse
+import os
+import sys
+
+from mabn.data.folder import DatasetError
+from mabn.data.prepare import resize_tree
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--src", required=True)
+    parser.add_argument("--dst", required=True)
+    parser.add_argument("--short-side", type=int, required=True)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    try:
+        out = resize_tree(args.src, args.dst, args.short_side, args.workers)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"resized copy at {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
