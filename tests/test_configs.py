@@ -1,5 +1,4 @@
 """Every config composes; Makefile variables reach the config; bad choices fail with Hydra's list."""
-import pathlib
 import subprocess
 
 import pytest

@@ -1,7 +1,6 @@
 """Both loaders on generated trees: same labels, batches, shards and augmentation; preparation scripts."""
 import collections
 import logging
-import pathlib
 import subprocess
 import sys
 

@@ -37,7 +37,7 @@ def train_step_rows(device, resolution, batches, quick):
             opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
             models[norm] = model
 
-            def step(model=model, opt=opt):
+            def step(model=model, opt=opt, x=x, y=y):
                 opt.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
                 opt.step()

@@ -1,6 +1,5 @@
 """Batch normalization with a normalization batch smaller than the forward batch (ghost batches)."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._groups import check_input, group_view, per_sample

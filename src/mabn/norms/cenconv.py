@@ -1,6 +1,5 @@
 """Convolution with weights centered per output channel (used with MABN, SPEC §2)."""
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
