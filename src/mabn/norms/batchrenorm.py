@@ -27,10 +27,13 @@ class BatchRenorm2d(nn.Module):
         d_ramp: int = 25000,
         r_max_final: float = 3.0,
         d_max_final: float = 5.0,
+        min_t0: int = 0,
     ):
         super().__init__()
         self.num_features, self.norm_batch, self.eps, self.momentum = num_features, norm_batch, eps, momentum
-        self.t0, self.r_ramp, self.d_ramp = t0, max(r_ramp, 1), max(d_ramp, 1)
+        # A schedule scaled down to a short run must still leave the running statistics time to settle
+        # before r and d use them: `min_t0` (e.g. 5 time constants, 5 / momentum) is a floor on t0.
+        self.t0, self.r_ramp, self.d_ramp = max(t0, min_t0), max(r_ramp, 1), max(d_ramp, 1)
         self.r_max_final, self.d_max_final = r_max_final, d_max_final
         self.weight = nn.Parameter(torch.ones(num_features))
         self.bias = nn.Parameter(torch.zeros(num_features))
