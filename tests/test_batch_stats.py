@@ -25,7 +25,7 @@ def test_recorded_statistics_match_direct_computation(tmp_path, norm):
     layer.register_forward_hook(capture_grad)
     recorder = BatchStatsRecorder({"layer2.0.bn1": layer}, channel=3, path=tmp_path / "stats.jsonl")
     for step in range(3):
-        recorder.arm()
+        recorder.arm(grad_scale=4.0)
         x = torch.randn(4, 3, 16, 16)
         model(x).logsumexp(1).sum().backward()
         recorder.flush(step)
@@ -35,7 +35,7 @@ def test_recorded_statistics_match_direct_computation(tmp_path, norm):
     xs = seen["x"][:b, c].double()
     gamma, beta = layer.weight[c].double(), layer.bias[c].double()
     y_hat = (seen["y"][:b, c].double() - beta) / gamma
-    g = seen["dy"][:b, c].double() * gamma
+    g = seen["dy"][:b, c].double() * gamma * 4.0
     expected = {"mu_B": xs.mean(), "sigma2_B": xs.var(unbiased=False), "g_B": g.mean(), "Psi_B": (g * y_hat).mean()}
     for key, value in expected.items():
         assert abs(record[key] - value.item()) < 1e-6, key

@@ -3,7 +3,9 @@
 For one channel of chosen norm layers, on the first normalization group of a logged iteration:
 forward mu_B and sigma^2_B of the input; backward g_B = mean(dL/dy gamma) and
 Psi_B = mean(dL/dy gamma y_hat), with y_hat = (y - beta) / gamma the layer's own normalized
-output (so BRN's r, d and MABN's r are included); and the values the layer actually runs on
+output (so BRN's r, d and MABN's r are included) and dL/dy taken per sample (the gradient of the
+mean loss times the SGD micro-batch count and batch size, AMP's loss scale removed), so that runs
+of different batch sizes compare; and the values the layer actually runs on
 instead: BN's and BRN's running mean/variance, MABN's moving averages of chi_B (forward) and of
 Psi_B (backward). Nothing is registered unless recording is enabled.
 """
@@ -31,8 +33,9 @@ class BatchStatsRecorder:
         for name, layer in layers.items():
             self.handles.append(layer.register_forward_hook(self._forward_hook(name)))
 
-    def arm(self) -> None:
-        self.armed, self.current = True, {}
+    def arm(self, grad_scale: float = 1.0) -> None:
+        """Record the next forward/backward; `grad_scale` turns the loss gradient into a per-sample one."""
+        self.armed, self.current, self.grad_scale = True, {}, grad_scale
 
     def _forward_hook(self, name):
         def hook(layer, inputs, output):
@@ -49,7 +52,7 @@ class BatchStatsRecorder:
 
             def grad_hook(grad):
                 with torch.no_grad():
-                    g = grad[:b, c].detach().double() * gamma
+                    g = grad[:b, c].detach().double() * (gamma * self.grad_scale)
                     record["g_B"] = g.mean().item()
                     record["Psi_B"] = (g * y_hat).mean().item()
 

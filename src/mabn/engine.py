@@ -102,8 +102,9 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
         micro = progress.batch % accum
         last_micro = micro == accum - 1
         recording = job.batch_stats is not None and micro == 0 and progress.step % cfg.stats.every == 0
-        if recording:
-            job.batch_stats.arm()
+        if recording:  # per-sample loss gradients: undo the mean over the batch, accumulation and loss scaling
+            job.batch_stats.arm(x.shape[0] * accum / job.scaler.get_scale() if job.scaler.is_enabled()
+                                else x.shape[0] * accum)
         sync_ctx = model.no_sync() if (info.enabled and not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
         with sync_ctx:
             with autocast(info.device, cfg.train.amp):
