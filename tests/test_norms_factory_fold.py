@@ -37,6 +37,13 @@ def test_cenconv_centers_weight_per_output_channel():
     assert conv(torch.ones(1, 3, 5, 5))[..., 1:-1, 1:-1].abs().max() < 1e-5
 
 
+def test_centering_backward_is_the_exact_gradient():
+    from mabn.norms.cenconv import CenterPerOutputChannel
+
+    w = torch.randn(4, 3, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(CenterPerOutputChannel.apply, (w,))
+
+
 def test_mabn_model_uses_centered_convs_and_switch_turns_them_off():
     with_cen = build_model("resnet18", norm="mabn", width=8, stem="small", num_classes=10)
     without = build_model("resnet18", norm="mabn", width=8, stem="small", num_classes=10, centered_conv=False)
