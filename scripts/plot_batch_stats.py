@@ -51,14 +51,15 @@ def main() -> None:
             stds = []
             for col, stat in enumerate(STATISTICS):
                 points = series.get(layer, {}).get(stat, [])
-                if points:
-                    axes[row][col].plot([p[0] for p in points], [p[1] for p in points], label=label, linewidth=0.8)
+                if points:  # x: fraction of the run, so runs with different steps per epoch line up
+                    last = max(p[0] for p in points) or 1
+                    axes[row][col].plot([p[0] / last for p in points], [p[1] for p in points], label=label, linewidth=0.8)
                 values = [p[1] for p in points]
                 stds.append(f"{statistics.pstdev(values):.3g}" if len(values) > 1 else "-")
             print(f"| {layer} | {label} | " + " | ".join(stds) + " |")
         for col, stat in enumerate(STATISTICS):
             axes[row][col].set_title(f"{layer}: {stat}", fontsize=9)
-            axes[row][col].set_xlabel("step")
+            axes[row][col].set_xlabel("fraction of training")
             axes[row][col].grid(alpha=0.3)
         axes[row][0].legend(fontsize=7)
     fig.tight_layout()
