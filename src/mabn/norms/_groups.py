@@ -41,4 +41,6 @@ def layer_label(layer) -> str:
 
 def per_sample(t: torch.Tensor, norm_batch: int) -> torch.Tensor:
     """Expand a (G, C) per-group statistic to (N, C, 1, 1), keeping x's own shape and memory format."""
+    if t.shape[0] == 1:  # one group: broadcasting does the expansion, no copy
+        return t[:, :, None, None]
     return t.repeat_interleave(norm_batch, dim=0)[:, :, None, None]

@@ -31,8 +31,12 @@ def push_and_average(ring: torch.Tensor, seen: torch.Tensor, stats: torch.Tensor
     """
     window, groups = ring.shape[0], stats.shape[0]
     steps = torch.arange(groups, device=stats.device)
-    ready = seen + 1 + steps > window
-    if average == "sma":
+    ready = seen + 1 + steps > window  # before the ring is full, `averaged` is not a window mean yet
+    if average == "sma" and groups == 1:
+        # The window ending at the one new row is the whole ring once the row is written: 3 ops, not 8.
+        ring.index_copy_(0, (seen % window).reshape(1), stats)
+        averaged = ring.mean(0, keepdim=True)
+    elif average == "sma":
         oldest_first = ring[(seen + torch.arange(window, device=stats.device)) % window]
         history = torch.cat([oldest_first, stats], dim=0)  # (m + G, C)
         averaged = history.unfold(0, window, 1)[1:].mean(-1)  # window ending at each new row
