@@ -189,3 +189,16 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
     bad_file.write_bytes(full[: len(full) // 2])  # a truncated JPEG: opens, fails to decode
     bad = _run_script(ROOT / "scripts" / "verify_dataset.py", tmp_path / "sub", "--workers", 1)
     assert bad.returncode == 1 and str(bad_file) in bad.stdout and "1 unreadable" in bad.stderr
+
+
+def test_resize_tree_makes_a_small_copy_once(tiny_shapes, tmp_path):
+    from mabn.data import resolve_root
+
+    cfg = data_cfg(tmp_path / "small", generate="resize",
+                   generate_options={"source": str(tiny_shapes), "short_side": 16, "workers": 1})
+    root = resolve_root(cfg)
+    images = sorted(root.rglob("*.JPEG"))
+    assert len(images) == 110 and all(min(Image.open(p).size) == 16 for p in images[:5])
+    assert sorted(p.name for p in (root / "val").iterdir()) == sorted(p.name for p in (tiny_shapes / "val").iterdir())
+    stamp = (root / "RESIZED").stat().st_mtime_ns
+    assert resolve_root(cfg) == root and (root / "RESIZED").stat().st_mtime_ns == stamp  # reused, not redone
