@@ -19,6 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mabn.results import load_run  # noqa: E402
 
 STATISTICS = ["mu_B", "sigma2_B", "g_B", "Psi_B"]
+# What MABN normalizes with instead of sigma^2_B and Psi_B: its moving averages (drawn dashed on those panels).
+AVERAGED = {"sigma2_B": "chi_avg", "Psi_B": "Psi_avg"}
 
 
 def load_stats(run_dir: pathlib.Path) -> tuple[str, dict]:
@@ -44,17 +46,21 @@ def main() -> None:
     loaded = [load_stats(pathlib.Path(r)) for r in args.runs]
     layers = sorted({layer for _, series in loaded for layer in series})
     fig, axes = plt.subplots(len(layers), len(STATISTICS), figsize=(4 * len(STATISTICS), 3 * len(layers)), squeeze=False)
-    print("| layer | run | " + " | ".join(f"std {s}" for s in STATISTICS) + " |")
-    print("|---|---|" + "---|" * len(STATISTICS))
+    columns = STATISTICS + list(AVERAGED.values())
+    print("| layer | run | " + " | ".join(f"std {s}" for s in columns) + " |")
+    print("|---|---|" + "---|" * len(columns))
     for row, layer in enumerate(layers):
         for label, series in loaded:
             stds = []
             for col, stat in enumerate(STATISTICS):
-                points = series.get(layer, {}).get(stat, [])
-                if points:  # x: fraction of the run, so runs with different steps per epoch line up
-                    last = max(p[0] for p in points) or 1
-                    axes[row][col].plot([p[0] / last for p in points], [p[1] for p in points], label=label, linewidth=0.8)
-                values = [p[1] for p in points]
+                for name, style in ((stat, "-"), (AVERAGED.get(stat), "--")):
+                    points = series.get(layer, {}).get(name, []) if name else []
+                    if points:  # x: fraction of the run, so runs with different steps per epoch line up
+                        last = max(p[0] for p in points) or 1
+                        axes[row][col].plot([p[0] / last for p in points], [p[1] for p in points], style,
+                                            label=label if style == "-" else f"{label} ({name})", linewidth=0.8)
+            for stat in columns:
+                values = [p[1] for p in series.get(layer, {}).get(stat, []) if p[1] == p[1]]  # NaN: ring not full yet
                 stds.append(f"{statistics.pstdev(values):.3g}" if len(values) > 1 else "-")
             print(f"| {layer} | {label} | " + " | ".join(stds) + " |")
         for col, stat in enumerate(STATISTICS):
