@@ -246,6 +246,9 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     finally:
         cleanup()
+    if result.get("event") == "preempted":
+        # Leave the process, not just this job: a signalled multirun must not start its next run.
+        sys.exit(0)
     return result.get("best_val_top1_err")  # what a Hydra sweeper would minimize
 
 
