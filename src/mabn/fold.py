@@ -5,7 +5,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .norms import CenConv2d, effective_conv_weight
+from .norms import effective_conv_weight
 from .norms.batchnorm import batchnorm_eval_affine
 
 
@@ -73,4 +73,4 @@ def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
-__all__ = ["CenConv2d", "conv_norm_pairs", "eval_affine", "fold_norms"]
+__all__ = ["conv_norm_pairs", "eval_affine", "fold_norms"]
