@@ -7,8 +7,7 @@
 import argparse
 import sys
 
-from mabn.data.folder import DatasetError
-from mabn.data.prepare import make_subset
+from mabn.data.prepare import make_subset, run_cli
 
 
 def main() -> int:
@@ -26,13 +25,11 @@ def main() -> int:
         listed = [line.split()[0] for line in open(args.class_list) if line.strip()]
     elif args.classes is None:
         parser.error("give --classes N or --class-list FILE")
-    try:
+    def subset() -> str:
         chosen = make_subset(args.src, args.dst, args.classes, listed, args.train_per_class, args.val_per_class, args.seed)
-    except (DatasetError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"subset of {len(chosen)} classes at {args.dst}")
-    return 0
+        return f"subset of {len(chosen)} classes at {args.dst}"
+
+    return run_cli(subset)
 
 
 if __name__ == "__main__":

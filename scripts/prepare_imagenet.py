@@ -11,8 +11,7 @@ By default files are moved in place; --out DIR writes a new tree (copies, or sym
 import argparse
 import sys
 
-from mabn.data.folder import DatasetError
-from mabn.data.prepare import sort_val_folder, val_labels_from_devkit, val_labels_from_loc_csv
+from mabn.data.prepare import run_cli, sort_val_folder, val_labels_from_devkit, val_labels_from_loc_csv
 
 
 def main() -> int:
@@ -24,19 +23,18 @@ def main() -> int:
     parser.add_argument("--out", help="write the sorted tree here instead of moving files in place")
     parser.add_argument("--link", action="store_true", help="with --out: symlink instead of copy")
     args = parser.parse_args()
-    try:
+    if not (args.loc_csv or (args.ground_truth and args.meta)):
+        parser.error("give --loc-csv, or --ground-truth with --meta")
+
+    def sort_val() -> str:
         if args.loc_csv:
             labels = val_labels_from_loc_csv(args.loc_csv)
-        elif args.ground_truth and args.meta:
-            labels = val_labels_from_devkit(args.ground_truth, args.meta)
         else:
-            parser.error("give --loc-csv, or --ground-truth with --meta")
+            labels = val_labels_from_devkit(args.ground_truth, args.meta)
         count = sort_val_folder(args.val_dir, labels, args.out, args.link)
-    except (DatasetError, OSError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"sorted {count} validation images into class folders under {args.out or args.val_dir}")
-    return 0
+        return f"sorted {count} validation images into class folders under {args.out or args.val_dir}"
+
+    return run_cli(sort_val)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,7 @@ import argparse
 import os
 import sys
 
-from mabn.data.folder import DatasetError
-from mabn.data.prepare import resize_tree
+from mabn.data.prepare import resize_tree, run_cli
 
 
 def main() -> int:
@@ -18,13 +17,7 @@ def main() -> int:
     parser.add_argument("--short-side", type=int, required=True)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    try:
-        out = resize_tree(args.src, args.dst, args.short_side, args.workers)
-    except DatasetError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"resized copy at {out}")
-    return 0
+    return run_cli(lambda: f"resized copy at {resize_tree(args.src, args.dst, args.short_side, args.workers)}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import os
 import pathlib
 import random
 import shutil
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
@@ -11,6 +12,17 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from .folder import DatasetError, class_names
+
+
+def run_cli(action) -> int:
+    """Exit status of a preparation script: 0 and `action()`'s message printed, or 2 and one `error:` line."""
+    try:
+        message = action()
+    except (DatasetError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(message)
+    return 0
 
 
 def val_labels_from_loc_csv(csv_path: str | os.PathLike) -> dict[str, str]:
