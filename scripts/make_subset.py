@@ -25,6 +25,7 @@ def main() -> int:
         listed = [line.split()[0] for line in open(args.class_list) if line.strip()]
     elif args.classes is None:
         parser.error("give --classes N or --class-list FILE")
+
     def subset() -> str:
         chosen = make_subset(args.src, args.dst, args.classes, listed, args.train_per_class, args.val_per_class, args.seed)
         return f"subset of {len(chosen)} classes at {args.dst}"
