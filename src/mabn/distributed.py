@@ -77,11 +77,7 @@ def rank_averaged_running_stats(model: torch.nn.Module, info: DistInfo) -> dict[
     """Copies of the running statistics averaged over ranks (a collective: every rank must call it)."""
     averaged = {}
     for name, buf in running_stat_buffers(model).items():
-        value = buf.detach().clone()
-        if info.enabled:
-            dist.all_reduce(value, op=dist.ReduceOp.SUM)
-            value.div_(info.world_size)
-        averaged[name] = value
+        averaged[name] = all_reduce_sum(buf.detach().clone(), info).div_(info.world_size)
     return averaged
 
 
