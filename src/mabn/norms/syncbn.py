@@ -11,8 +11,8 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
 
     `norm_batch` is accepted and ignored: the normalization batch is the global batch. Outside a
     distributed job it is BatchNorm2d. torch's kernel syncs CUDA tensors only; on CPU (gloo, tests
-    and CPU clusters) the global sums go through the differentiable all_reduce of
-    `torch.distributed.nn`, which gives the same forward and backward.
+    and CPU clusters) the global sums go through `_AllReduceSum`, which gives the same forward and
+    backward.
     """
 
     def __init__(self, num_features: int, norm_batch: int | None = None, eps: float = 1e-5, momentum: float = 0.1):
@@ -25,11 +25,9 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
         return super().forward(x)
 
     def _cpu_sync_forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torch.distributed.nn.functional import all_reduce
-
         local = torch.stack([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)),
                              torch.full_like(x[0, :, 0, 0], x.numel() / x.shape[1])])
-        total = all_reduce(local)
+        total = _AllReduceSum.apply(local)
         count = total[2]
         mean = total[0] / count
         var = total[1] / count - mean * mean  # biased, as BN normalizes with
@@ -40,3 +38,24 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * count / (count - 1), self.momentum)
         return y
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks whose gradient is the sum of the ranks' gradients.
+
+    Blocking `dist.all_reduce` on both passes. torch's `torch.distributed.nn.functional.all_reduce`
+    is deprecated and, through the functional collectives it now wraps, sometimes aborted a gloo
+    worker at exit ("terminate called without an active exception").
+    """
+
+    @staticmethod
+    def forward(ctx, local: torch.Tensor) -> torch.Tensor:
+        total = local.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor) -> torch.Tensor:
+        grad_local = grad_total.contiguous().clone()
+        dist.all_reduce(grad_local, op=dist.ReduceOp.SUM)
+        return grad_local
