@@ -207,3 +207,26 @@ def test_compiled_kernels_match_the_eager_layer():
             outs.append((y.detach(), xl.grad, layer.weight.grad.clone(), layer.running_var.clone(), layer.psi_ring.clone()))
         for a, b in zip(*outs):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_counters_follow_a_loaded_state_dict_and_outside_writes():
+    """The layer branches on host copies of its counters; loading a state or writing a counter must
+    be seen by the next call, exactly as if the layer had run those iterations itself."""
+    torch.manual_seed(0)
+    opts = dict(norm_batch=2, window=2, warmup=3, renorm_start=5)
+    trained = MABN2d(3, **opts).double()
+    for _ in range(8):
+        trained(torch.randn(4, 3, 3, 3, dtype=torch.float64)).sum().backward()
+    fresh = MABN2d(3, **opts).double()
+    fresh(torch.randn(4, 3, 3, 3, dtype=torch.float64)).sum().backward()  # host copies now say t = 1
+    fresh.load_state_dict(trained.state_dict())
+    x = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+
+    trained.num_batches_tracked.zero_()  # back into warmup: plain batch statistics again
+    with torch.no_grad():
+        y = trained(x)
+    chi = x.reshape(2, 2, 3, 9).square().mean(dim=(1, 3))
+    expect = x / (chi.repeat_interleave(2, 0)[:, :, None, None] + EPS).sqrt()
+    expect = expect * trained.weight[:, None, None] + trained.bias[:, None, None]
+    torch.testing.assert_close(y, expect, **TOL)
