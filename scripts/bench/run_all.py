@@ -12,6 +12,8 @@ import sys
 
 import torch
 
+from mabn.host_memory import keep_freed_blocks
+
 from . import bench_loaders, bench_models, bench_norms
 from .common import device_name
 
@@ -24,6 +26,8 @@ def main() -> int:
     parser.add_argument("--only", choices=["norms", "models", "loaders"], help="run one part")
     parser.add_argument("--out", default="outputs/bench")
     args = parser.parse_args()
+    if args.device == "cpu":
+        keep_freed_blocks()  # as training on CPU does (mabn.train)
     parts = {
         "norms": ("Norm layers: training forward + backward", lambda: bench_norms.run(args.device, args.quick, not args.no_compile)),
         "models": ("ResNet-50: training step and inference", lambda: bench_models.run(args.device, args.quick)),

@@ -26,6 +26,7 @@ from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
 from .distributed import DistInfo, cleanup, init_distributed, rank_averaged_running_stats
 from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epoch
+from .host_memory import keep_freed_blocks
 from .models import build_model
 from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
 
@@ -190,6 +191,8 @@ def run(cfg: DictConfig) -> dict:
     validate(cfg, info.world_size)
     run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
     seed_everything(cfg.seed + info.rank, cfg.train.deterministic)
+    if info.device == "cpu":
+        keep_freed_blocks()
     job = Job(cfg, info, run_dir)
     progress = Progress()
     job.resume(progress)
