@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from mabn.norms import BatchRenorm2d, GhostBatchNorm2d
+from mabn.norms.batchnorm import GroupBatchNormFunction
 
 TOL = dict(rtol=0, atol=1e-10)
 
@@ -128,14 +129,18 @@ def test_brn_gradient_stops_through_r_and_d():
         brn.running_mean.fill_(0.3)
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     dy = torch.randn_like(x)
+    _randomize_affine(brn)
     brn(x).backward(dy)
     x2 = x.detach().clone().requires_grad_(True)
+    w, b = brn.weight.detach().clone().requires_grad_(True), brn.bias.detach().clone().requires_grad_(True)
     mu = x2.mean(dim=(0, 2, 3), keepdim=True)
     sigma = (x2.var(dim=(0, 2, 3), unbiased=False, keepdim=True) + 1e-5).sqrt()
     r = (sigma / 0.5).clamp(1 / 3, 3).detach()
     d = ((mu - 0.3) / 0.5).clamp(-5, 5).detach()
-    ((x2 - mu) / sigma * r + d).backward(dy)
+    (((x2 - mu) / sigma * r + d) * w[:, None, None] + b[:, None, None]).backward(dy)
     torch.testing.assert_close(x.grad, x2.grad, **TOL)
+    torch.testing.assert_close(brn.weight.grad, w.grad, **TOL)
+    torch.testing.assert_close(brn.bias.grad, b.grad, **TOL)
 
 
 def test_brn_eval_uses_running_statistics(device):
@@ -152,3 +157,22 @@ def test_brn_eval_uses_running_statistics(device):
     torch.testing.assert_close(y, expect + brn.bias[:, None, None], **TOL)
     for k, v in brn.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("norm_batch", [None, 2])
+def test_group_batchnorm_function_gradcheck(norm_batch):
+    layer = GhostBatchNorm2d(3, norm_batch=norm_batch).double()
+    x = torch.randn(4, 3, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w, b: GroupBatchNormFunction.apply(x, w, b, layer, None)[0], (x, w, b))
+
+
+def test_ghost_bn_float32_statistics_are_two_pass():
+    """A large common offset must not cost the variance its precision (no E[x^2] - E[x]^2)."""
+    torch.manual_seed(0)
+    x64 = torch.randn(8, 4, 6, 6, dtype=torch.float64) + 1000
+    layer = GhostBatchNorm2d(4, norm_batch=2)
+    y = layer(x64.float())
+    ref = GhostBatchNorm2d(4, norm_batch=2).double()(x64)
+    torch.testing.assert_close(y.double(), ref, rtol=0, atol=2e-3)

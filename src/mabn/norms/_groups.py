@@ -44,3 +44,22 @@ def per_sample(t: torch.Tensor, norm_batch: int) -> torch.Tensor:
     if t.shape[0] == 1:  # one group: broadcasting does the expansion, no copy
         return t[:, :, None, None]
     return t.repeat_interleave(norm_batch, dim=0)[:, :, None, None]
+
+
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift with broadcastable per-(group, channel) scale and shift, in one pass."""
+    return torch.addcmul(shift, x, scale)
+
+
+def grad_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum dy, sum dy x) per (group, channel) of (G, b, C, H*W) views.
+
+    Reduced over the contiguous H*W first, then over the b samples: one strided reduction over
+    (b, H*W) is several times slower on CPU at every shape.
+    """
+    return dy.sum(3).sum(1), (dy * x).sum(3).sum(1)
+
+
+def per_group(t: torch.Tensor) -> torch.Tensor:
+    """A (G, C) statistic (or a (C,) parameter) shaped to broadcast against the (G, b, C, H*W) view."""
+    return t[:, None, :, None] if t.dim() == 2 else t[:, None]

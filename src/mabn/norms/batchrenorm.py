@@ -2,7 +2,8 @@
 import torch
 from torch import nn
 
-from ._groups import check_input, group_view, per_sample
+from .batchnorm import GroupBatchNormFunction
+from ._groups import check_input
 
 
 class BatchRenorm2d(nn.Module):
@@ -53,21 +54,19 @@ class BatchRenorm2d(nn.Module):
         if not self.training:
             scale, shift = self.eval_affine()
             return x * scale[:, None, None] + shift[:, None, None]
-        groups = group_view(self, x, self.norm_batch)
         self.num_batches_tracked.add_(1)
-        var, mean = torch.var_mean(groups, dim=(1, 3), unbiased=False)  # (G, C)
-        std = torch.sqrt(var + self.eps)
-        with torch.no_grad():
-            r_max, d_max = self.clip_limits()
-            r = torch.minimum(torch.maximum(std / self.running_std, 1 / r_max), r_max)
-            d = torch.minimum(torch.maximum((mean - self.running_mean) / self.running_std, -d_max), d_max)
-        b = groups.shape[1]
-        y = (x - per_sample(mean, b)) / per_sample(std, b) * per_sample(r, b) + per_sample(d, b)
-        y = y * self.weight[:, None, None] + self.bias[:, None, None]
+        y, mean, var = GroupBatchNormFunction.apply(x, self.weight, self.bias, self, self.renorm_factors)
         with torch.no_grad():
             self.running_mean.lerp_(mean.mean(0), self.momentum)
-            self.running_std.lerp_(std.mean(0), self.momentum)
+            self.running_std.lerp_(torch.sqrt(var + self.eps).mean(0), self.momentum)
         return y
+
+    def renorm_factors(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, d) per (group, channel), clipped to the schedule's limits (held constant in the backward)."""
+        r_max, d_max = self.clip_limits()
+        r = torch.minimum(torch.maximum(std / self.running_std, 1 / r_max), r_max)
+        d = torch.minimum(torch.maximum((mean - self.running_mean) / self.running_std, -d_max), d_max)
+        return r, d
 
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) per channel of the eval-mode op y = scale * x + shift."""

@@ -13,7 +13,7 @@ one forward as consecutive entries, so a window of m groups spans this and earli
 import torch
 from torch import nn
 
-from ._groups import check_input, group_view, per_sample
+from ._groups import check_input, grad_sums, group_view, per_sample, scale_shift
 
 AVERAGES = ("sma", "ema")
 
@@ -95,23 +95,10 @@ def moving_or_current(current: torch.Tensor, averaged: torch.Tensor | None, seen
 
 
 def second_moment(groups: torch.Tensor) -> torch.Tensor:
-    """chi_B per (group, channel) of the (G, b, C, H*W) view, with no temporary of x's size.
-
-    Reduced over the contiguous H*W first, then over the b samples: 4-8x faster on CPU than one
-    reduction over (b, H*W), whose strided kernel is slow at every shape.
-    """
+    """chi_B per (group, channel) of the (G, b, C, H*W) view, with no temporary of x's size (H*W
+    reduced first, then b, as `grad_sums`)."""
     count = groups.shape[1] * groups.shape[3]
     return torch.linalg.vector_norm(groups, 2, dim=3).square_().sum(1).div_(count)
-
-
-def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """x * scale + shift with (N, C, 1, 1) scale and (C, 1, 1) shift, in one pass."""
-    return torch.addcmul(shift, x, scale)
-
-
-def grad_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum dy, sum dy x) per (group, channel) of (G, b, C, H*W) views (H*W first, as second_moment)."""
-    return dy.sum(3).sum(1), (dy * x).sum(3).sum(1)
 
 
 def grad_input(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
