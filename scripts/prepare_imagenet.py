@@ -11,7 +11,12 @@ By default files are moved in place; --out DIR writes a new tree (copies, or sym
 import argparse
 import sys
 
-from mabn.data.prepare import run_cli, sort_val_folder, val_labels_from_devkit, val_labels_from_loc_csv
+from mabn.data.prepare import (
+    run_cli,
+    sort_val_folder,
+    val_labels_from_devkit,
+    val_labels_from_loc_csv,
+)
 
 
 def main() -> int:

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .data import DatasetError
-from .distributed import DistInfo, RankAveragedRunningStats, all_reduce_max, all_reduce_sum
+from .distributed import (
+    DistInfo,
+    RankAveragedRunningStats,
+    all_reduce_max,
+    all_reduce_sum,
+)
 
 log = logging.getLogger(__name__)
 

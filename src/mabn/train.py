@@ -24,7 +24,12 @@ from . import checkpoint as ckpt
 from .batch_stats import BatchStatsRecorder, select_layers
 from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
-from .distributed import DistInfo, cleanup, init_distributed, rank_averaged_running_stats
+from .distributed import (
+    DistInfo,
+    cleanup,
+    init_distributed,
+    rank_averaged_running_stats,
+)
 from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epoch
 from .host_memory import keep_freed_blocks
 from .models import build_model

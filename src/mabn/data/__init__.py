@@ -14,8 +14,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import shapes
+from .folder import (
+    DatasetError,
+    SeededImageFolder,
+    check_layout,
+    collate_skipping_unreadable,
+)
 from .prepare import resize_tree
-from .folder import DatasetError, SeededImageFolder, check_layout, collate_skipping_unreadable
 from .samplers import EvalSampler, TrainSampler
 from .transforms import INPUT_FORMATS, Augmentation, torchvision_transform
 

@@ -16,7 +16,13 @@ import torch
 
 from .folder import DatasetError
 from .samplers import EvalSampler, TrainSampler
-from .transforms import IMAGENET_EIGVAL, IMAGENET_EIGVEC, IMAGENET_MEAN, IMAGENET_STD, Augmentation
+from .transforms import (
+    IMAGENET_EIGVAL,
+    IMAGENET_EIGVEC,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Augmentation,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,8 +2,8 @@
 import torch
 from torch import nn
 
-from .batchnorm import GroupBatchNormFunction
 from ._groups import check_input
+from .batchnorm import GroupBatchNormFunction
 
 
 class BatchRenorm2d(nn.Module):
