@@ -18,13 +18,17 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mabn.results import PAPER_FIGURE, find_runs, load_run  # noqa: E402
 
 
-def error_vs_batch(roots, out, paper: bool) -> None:
-    runs = [r for r in find_runs(*roots) if r.finished]
+def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
+    runs = [r for r in find_runs(*roots) if r.finished and (with_tags or not r.tag)]
     if not runs:
         sys.exit(f"error: no finished runs under {', '.join(roots)}")
+    # One line per norm (and tag); runs at another per-process batch N than the panel's usual one
+    # (e.g. a real batch of 2 beside ghost batches in N = 32) get their own line.
+    usual_n = collections.Counter(r.batch_per_gpu for r in runs).most_common(1)[0][0]
     panels = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
     for run in runs:
-        panels[(run.data, run.model, run.schedule_epochs)][(run.norm, run.tag)][run.norm_batch].append(run.final_err)
+        line = run.tag + ("" if run.batch_per_gpu == usual_n else f" N={run.batch_per_gpu}")
+        panels[(run.data, run.model, run.schedule_epochs)][(run.norm, line)][run.norm_batch].append(run.final_err)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (panel, lines) in zip(axes[0], sorted(panels.items())):
         for (norm, tag), by_batch in sorted(lines.items()):
@@ -73,12 +77,13 @@ def main() -> None:
     e.add_argument("roots", nargs="+")
     e.add_argument("--out", default="error_vs_batch.png")
     e.add_argument("--paper", action="store_true", help="also draw the paper's ImageNet figure (dashed)")
+    e.add_argument("--with-tags", action="store_true", help="also draw tagged runs (ablations), one line per tag")
     c = sub.add_parser("curves", help="train loss and val error per epoch of several runs")
     c.add_argument("runs", nargs="+")
     c.add_argument("--out", default="curves.png")
     args = parser.parse_args()
     if args.what == "error-vs-batch":
-        error_vs_batch(args.roots, args.out, args.paper)
+        error_vs_batch(args.roots, args.out, args.paper, args.with_tags)
     else:
         curves(args.runs, args.out)
     print(f"wrote {args.out}")
