@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ._groups import check_input, grad_sums, group_view, per_group, scale_shift
+from ._groups import check_input, grad_sums, group_view, per_group, scale_shift, second_moment
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -63,7 +63,7 @@ class GroupBatchNormFunction(torch.autograd.Function):
         count = groups.shape[1] * groups.shape[3]
         mean = groups.sum(3).sum(1).div_(count)  # (G, C)
         centered = groups - per_group(mean)
-        var = torch.linalg.vector_norm(centered, 2, dim=3).square_().sum(1).div_(count)
+        var = second_moment(centered)
         inv_std = torch.rsqrt(var + layer.eps)
         r = d = None
         if renorm is not None:

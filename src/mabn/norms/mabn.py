@@ -13,7 +13,7 @@ one forward as consecutive entries, so a window of m groups spans this and earli
 import torch
 from torch import nn
 
-from ._groups import check_input, grad_sums, group_view, per_sample, scale_shift
+from ._groups import check_input, grad_sums, group_view, per_sample, scale_shift, second_moment
 
 AVERAGES = ("sma", "ema")
 
@@ -92,13 +92,6 @@ def moving_or_current(current: torch.Tensor, averaged: torch.Tensor | None, seen
     if first_ready == 0:
         return averaged
     return torch.cat([current[:first_ready], averaged[first_ready:]])
-
-
-def second_moment(groups: torch.Tensor) -> torch.Tensor:
-    """chi_B per (group, channel) of the (G, b, C, H*W) view, with no temporary of x's size (H*W
-    reduced first, then b, as `grad_sums`)."""
-    count = groups.shape[1] * groups.shape[3]
-    return torch.linalg.vector_norm(groups, 2, dim=3).square_().sum(1).div_(count)
 
 
 def grad_input(dy: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
