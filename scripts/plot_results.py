@@ -7,6 +7,7 @@ and training curves of several runs on one plot.
 """
 import argparse
 import collections
+import pathlib
 import statistics
 import sys
 
@@ -54,7 +55,7 @@ def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
 def curves(run_dirs, out) -> None:
     fig, (loss_ax, err_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
     for path in run_dirs:
-        run = load_run(__import__("pathlib").Path(path))
+        run = load_run(pathlib.Path(path))
         if run is None or not run.epochs:
             sys.exit(f"error: {path} is not a run dir with metrics")
         label = f"{run.norm} b={run.norm_batch} N={run.batch_per_gpu}{run.tag} s{run.seed}"
