@@ -86,6 +86,7 @@ repro: $(INSTALLED)
 	$(REPRO) norm=gn
 	$(REPRO) norm=bn,mabn data.batch_per_gpu=2 train.grad_accum=16
 	$(REPRO) norm=mabn norm.norm_batch=2 ablation=sma_forward_only,sma_backward_only,ema,no_centered_conv,no_renorm
+	$(REPRO) norm=mabn norm.norm_batch=32,2 ablation=warmup400
 	$(MAKE) --no-print-directory repro-report
 
 repro-report: $(INSTALLED)

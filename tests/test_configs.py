@@ -49,6 +49,25 @@ def test_experiment_pins_the_paper_setting():
     assert cfg.norm.name == "mabn"
 
 
+def _leaves(node, prefix="") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, child in node.items() for k, v in _leaves(child, f"{prefix}.{key}" if prefix else key).items()}
+
+
+@pytest.mark.parametrize("ablation", options("ablation"))
+def test_every_ablation_switches_one_mabn_setting_and_tags_its_run_dir(ablation):
+    def leaves(overrides):
+        cfg = _compose(["experiment=imagenette_cpu", "norm=mabn", "norm.norm_batch=2", *overrides])
+        return _leaves(OmegaConf.to_container(cfg, resolve=False))
+
+    default, switched = leaves([]), leaves([f"ablation={ablation}"])
+    changed = {key for key in default.keys() | switched.keys() if default.get(key) != switched.get(key)}
+    assert switched["tag"] == f"-{ablation}"  # one run dir per ablation, named after it
+    changed = {key for key in changed if key != "tag" and not key.startswith("hydra.")}
+    assert len(changed) == 1 and next(iter(changed)).startswith("norm."), changed
+
+
 def _make_config(*variables) -> str:
     """The job config `make train VAR=...` would run, printed by Hydra without training."""
     out = subprocess.run(
