@@ -5,7 +5,7 @@ import subprocess
 import pytest
 import torch
 
-from .conftest import train_command
+from .conftest import ROOT, train_command
 
 
 def _run(cmd, **kw):
@@ -24,6 +24,8 @@ def test_tiny_run_writes_events_metrics_and_checkpoints(tiny_shapes, tmp_path, n
     assert records[-1]["event"] == "finished"
     assert all(r["val_images"] == 30 for r in epochs)  # the whole val set, once
     assert all(0 <= r["val_top1_err"] <= 100 for r in epochs)
+    head = _run(["git", "rev-parse", "--short=10", "HEAD"], cwd=ROOT).stdout.strip() or "unknown"
+    assert all(r["source"].removesuffix("+dirty") == head for r in epochs)  # the commit that produced the numbers
     assert list((run_dir / "tb").glob("events.out.tfevents.*"))
     ckpts = sorted((run_dir / "checkpoints").glob("step-*.pt"))
     assert ckpts and (run_dir / "checkpoints" / "best.pt").is_file()

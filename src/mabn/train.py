@@ -9,6 +9,7 @@ import logging
 import os
 import pathlib
 import random
+import subprocess
 import sys
 import time
 
@@ -43,6 +44,20 @@ IDENTITY_KEYS = ("model.arch", "model.width", "model.stem", "norm.name", "norm.n
 
 class ResumeMismatch(ConfigError):
     pass
+
+
+def source_version() -> str:
+    """The commit this run's code comes from, "+dirty" when src/ or configs/ differ from it, "unknown"
+    outside a git checkout. Recorded with every epoch: a resumed run may span several commits."""
+    root = str(pathlib.Path(__file__).resolve().parents[2])
+    try:
+        sha, changes = (
+            subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+            for args in (["rev-parse", "--short=10", "HEAD"], ["status", "--porcelain", "--", "src", "configs"])
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("+dirty" if changes else "")
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -92,6 +107,7 @@ class Job:
         self.checkpoints = ckpt.CheckpointDir(run_dir, cfg.train.checkpoint_keep)
         self.writer = SummaryWriter(str(run_dir / "tb")) if info.is_main else None
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.source = source_version()
         if self.writer is not None:
             self._write_hparams()
         self.batch_stats = None
@@ -202,8 +218,8 @@ def run(cfg: DictConfig) -> dict:
     progress = Progress()
     job.resume(progress)
     if info.is_main:
-        log.info("run dir %s | %s x%d | SGD batch %d, peak lr %.4g | %d steps/epoch", run_dir, info.device,
-                 info.world_size, job.sgd_batch, job.peak_lr, job.steps_per_epoch)
+        log.info("run dir %s | %s x%d | SGD batch %d, peak lr %.4g | %d steps/epoch | source %s", run_dir, info.device,
+                 info.world_size, job.sgd_batch, job.peak_lr, job.steps_per_epoch, job.source)
     if progress.epoch >= cfg.schedule.epochs:
         log.info("run already finished (%d epochs) in %s; nothing to do", progress.epoch, run_dir)
         return dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
@@ -225,7 +241,7 @@ def run(cfg: DictConfig) -> dict:
             record = dict(epoch=progress.epoch + 1, epochs=cfg.schedule.epochs, step=progress.step,
                           lr=job.optimizer.param_groups[0]["lr"],
                           **{k: v for k, v in train_stats.items() if k != "stopped"}, **val_stats,
-                          epoch_seconds=time.time() - started)
+                          epoch_seconds=time.time() - started, source=job.source)
             progress.epoch, progress.batch = progress.epoch + 1, 0
             job.log_epoch(record)
             job.save_checkpoint(progress, is_best=is_best)
