@@ -16,13 +16,17 @@ def test_bench_runner_writes_a_report(tmp_path):
 
 
 def _page_faults_per_step(keep: bool) -> int:
-    """Median minor page faults of 9 steady-state steps: an occasional step faults in ~1,000 pages for
-    something else (a new allocator arena, the stack), which a mean over a few steps would count."""
+    """Median minor page faults of 9 steady-state steps (an occasional step faults in ~1,000 pages for
+    something else, which a mean over a few steps would count). Both runs start from glibc's initial
+    128 KiB mmap threshold, fixed: left to itself glibc raises it as blocks are freed, so whether the
+    default faults every step depends on the order of frees (measured: 9,000-25,000 faults a step in
+    one process, 1 in another)."""
     code = textwrap.dedent(f"""
-        import resource, torch, torch.nn.functional as F
-        from mabn.host_memory import keep_freed_blocks
+        import ctypes, ctypes.util, resource, torch, torch.nn.functional as F
+        from mabn.host_memory import M_MMAP_THRESHOLD, keep_freed_blocks
         from mabn.models import resnet50
         torch.set_num_threads(1)
+        assert ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
         assert keep_freed_blocks() if {keep} else True
         model = resnet50("mabn", num_classes=10)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -45,8 +49,8 @@ def _page_faults_per_step(keep: bool) -> int:
 
 
 def test_keep_freed_blocks_stops_training_steps_from_page_faulting_their_memory_back():
-    """glibc by default hands the step's big blocks back to the OS and faults them in again, zeroed, every
-    step; with the setting training uses on CPU, steady-state steps reuse them."""
-    default, kept = _page_faults_per_step(False), _page_faults_per_step(True)
-    assert default > 1000, f"expected the default allocator to fault pages every step, got {default}"
-    assert kept < default / 20, f"{kept} page faults per step with the setting, {default} without"
+    """With a 128 KiB mmap threshold glibc hands the step's big blocks back to the OS and faults them in
+    again, zeroed, every step; with the setting training uses on CPU, steady-state steps reuse them."""
+    returned, kept = _page_faults_per_step(False), _page_faults_per_step(True)
+    assert returned > 1000, f"expected blocks above the mmap threshold to fault in every step, got {returned}"
+    assert kept < returned / 20, f"{kept} page faults per step with the setting, {returned} without"
