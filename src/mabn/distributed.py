@@ -102,6 +102,11 @@ class RankAveragedRunningStats:
         return False
 
 
-def cleanup() -> None:
+def cleanup(synchronize: bool = False) -> None:
+    """Tear the process group down. With `synchronize` (a normal exit) every rank waits for the others
+    first, so no rank closes its gloo connections while another still uses them; not after an error,
+    where the other ranks may never arrive."""
     if dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()

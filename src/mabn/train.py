@@ -262,14 +262,16 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    returned = False
     try:
         result = run(cfg)
+        returned = True
     except (ConfigError, DatasetError, NonFiniteLoss) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     finally:
-        cleanup()
+        cleanup(synchronize=returned)
     if result.get("event") == "preempted":
         # Leave the process, not just this job: a signalled multirun must not start its next run.
         sys.exit(0)
