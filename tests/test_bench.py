@@ -17,17 +17,16 @@ def test_bench_runner_writes_a_report(tmp_path):
 
 def _page_faults_per_step(keep: bool) -> int:
     """Median minor page faults of 9 steady-state steps (an occasional step faults in ~1,000 pages for
-    something else, which a mean over a few steps would count). Both runs start from glibc's initial
-    128 KiB mmap threshold, fixed: left to itself glibc raises it as blocks are freed, so whether the
-    default faults every step depends on the order of frees (measured: 9,000-25,000 faults a step in
-    one process, 1 in another)."""
+    something else, which a mean over a few steps would count). Without the setting, the run pins
+    glibc's initial thresholds (128 KiB): left to itself glibc raises them as blocks are freed, so
+    whether the default faults every step depends on the order of frees (measured: 9,000-25,000
+    faults a step in one process, 1 in another)."""
     code = textwrap.dedent(f"""
-        import ctypes, ctypes.util, resource, torch, torch.nn.functional as F
-        from mabn.host_memory import M_MMAP_THRESHOLD, keep_freed_blocks
+        import resource, torch, torch.nn.functional as F
+        from mabn.host_memory import keep_freed_blocks
         from mabn.models import resnet50
         torch.set_num_threads(1)
-        assert ctypes.CDLL(ctypes.util.find_library("c")).mallopt(M_MMAP_THRESHOLD, 128 * 1024)
-        assert keep_freed_blocks() if {keep} else True
+        assert keep_freed_blocks() if {keep} else keep_freed_blocks(mmap_threshold=128 * 1024, trim_threshold=128 * 1024)
         model = resnet50("mabn", num_classes=10)
         opt = torch.optim.SGD(model.parameters(), lr=1e-4)
         x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
@@ -49,7 +48,7 @@ def _page_faults_per_step(keep: bool) -> int:
 
 
 def test_keep_freed_blocks_stops_training_steps_from_page_faulting_their_memory_back():
-    """With a 128 KiB mmap threshold glibc hands the step's big blocks back to the OS and faults them in
+    """With its initial 128 KiB thresholds glibc hands the step's big blocks back to the OS and faults them in
     again, zeroed, every step; with the setting training uses on CPU, steady-state steps reuse them."""
     returned, kept = _page_faults_per_step(False), _page_faults_per_step(True)
     assert returned > 1000, f"expected blocks above the mmap threshold to fault in every step, got {returned}"

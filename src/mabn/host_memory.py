@@ -17,8 +17,8 @@ def keep_freed_blocks(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: 
     them back in, zero-filled (ResNet-50 at batch 2, 96 px: 5,600 faults a BN step, 15,900 a MABN
     step; about 5 % of the step time on 2 cores; under 400 with this setting). glibc's own
     adjustment of its thresholds avoids this in some processes, depending on the order of frees;
-    this setting makes it so in all. The process keeps its peak heap instead. Returns False where this does not apply (a libc other than
-    glibc); then nothing changes.
+    this setting avoids it in all. The process keeps its peak heap instead. Returns False where
+    this does not apply (a libc other than glibc); then nothing changes.
     """
     name = ctypes.util.find_library("c")
     try:

@@ -50,11 +50,13 @@ def source_version() -> str:
     """The commit this run's code comes from, "+dirty" when src/ or configs/ differ from it, "unknown"
     outside a git checkout. Recorded with every epoch: a resumed run may span several commits."""
     root = str(pathlib.Path(__file__).resolve().parents[2])
+
+    def git(*args) -> str:
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+
     try:
-        sha, changes = (
-            subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-            for args in (["rev-parse", "--short=10", "HEAD"], ["status", "--porcelain", "--", "src", "configs"])
-        )
+        sha = git("rev-parse", "--short=10", "HEAD")
+        changes = git("status", "--porcelain", "--", "src", "configs")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("+dirty" if changes else "")
