@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from mabn.distributed import DistInfo, cleanup, running_stat_buffers
+from mabn.distributed import DistInfo, closing_process_group, running_stat_buffers
 
 from .conftest import ROOT, train_command
 
@@ -23,12 +23,8 @@ def free_port() -> int:
 
 def _worker(rank, world, port, fn, args):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    returned = False
-    try:
+    with closing_process_group():  # as training does
         fn(rank, world, *args)
-        returned = True
-    finally:
-        cleanup(synchronize=returned)  # as training does
 
 
 def run_ranks(fn, *args, world=2):

@@ -1,4 +1,5 @@
 """The process group: detected from torchrun's (or SLURM's) environment, single process otherwise."""
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -102,10 +103,20 @@ class RankAveragedRunningStats:
         return False
 
 
-def cleanup(synchronize: bool = False) -> None:
-    """Tear the process group down. With `synchronize` (a normal exit) every rank waits for the others
-    first, so no rank closes its gloo connections while another still uses them; not after an error,
-    where the other ranks may never arrive."""
+@contextlib.contextmanager
+def closing_process_group():
+    """Destroy the process group (if any) when the block exits. On a normal exit every rank first
+    waits for the others, so no rank closes its gloo connections while another still uses them; not
+    after an error or sys.exit, where the other ranks may never arrive."""
+    try:
+        yield
+    except BaseException:
+        _destroy_process_group(synchronize=False)
+        raise
+    _destroy_process_group(synchronize=True)
+
+
+def _destroy_process_group(synchronize: bool) -> None:
     if dist.is_initialized():
         if synchronize:
             dist.barrier()

@@ -27,7 +27,7 @@ from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
 from .distributed import (
     DistInfo,
-    cleanup,
+    closing_process_group,
     init_distributed,
     rank_averaged_running_stats,
 )
@@ -37,7 +37,8 @@ from .models import build_model
 from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
 
 log = logging.getLogger("mabn.train")
-CONFIG_DIR = str(pathlib.Path(__file__).resolve().parents[2] / "configs")
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]  # an editable install: src/mabn/ in the checkout
+CONFIG_DIR = str(PROJECT_ROOT / "configs")
 # Config keys that must match for a checkpoint to continue a run (others, e.g. epochs, may change).
 IDENTITY_KEYS = ("model.arch", "model.width", "model.stem", "norm.name", "norm.norm_batch", "data.batch_per_gpu")
 
@@ -49,10 +50,9 @@ class ResumeMismatch(ConfigError):
 def source_version() -> str:
     """The commit this run's code comes from, "+dirty" when src/ or configs/ differ from it, "unknown"
     outside a git checkout. Recorded with every epoch: a resumed run may span several commits."""
-    root = str(pathlib.Path(__file__).resolve().parents[2])
-
     def git(*args) -> str:
-        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        out = subprocess.run(["git", "-C", str(PROJECT_ROOT), *args], capture_output=True, text=True, timeout=10, check=True)
+        return out.stdout.strip()
 
     try:
         sha = git("rev-parse", "--short=10", "HEAD")
@@ -264,16 +264,13 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    returned = False
-    try:
-        result = run(cfg)
-        returned = True
-    except (ConfigError, DatasetError, NonFiniteLoss) as err:
-        log.error("%s", err)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    finally:
-        cleanup(synchronize=returned)
+    with closing_process_group():
+        try:
+            result = run(cfg)
+        except (ConfigError, DatasetError, NonFiniteLoss) as err:
+            log.error("%s", err)
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
     if result.get("event") == "preempted":
         # Leave the process, not just this job: a signalled multirun must not start its next run.
         sys.exit(0)
