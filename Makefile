@@ -43,7 +43,7 @@ help:
 	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
 	@echo "make table | make plot     results.md/.csv and the error-vs-batch plot of every run under outputs/"
-	@echo "make repro [REPRO_SEEDS=0,1]   the paper's comparison on Imagenette (CPU setting), with ablations"
+	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,third]   the paper's comparison on Imagenette"
 	@echo "make test | make test-slow | make bench | make tensorboard"
 
 install: $(INSTALLED)
@@ -77,16 +77,16 @@ test: $(INSTALLED)
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -q -m slow
 
-# The paper's comparison on Imagenette (CPU setting), ablations included; ends in the table and plots.
+# The paper's comparison on Imagenette (CPU setting): the figure (BN/BRN/MABN at b = 32..2, GN), the real batch of 2,
+# the ablations and third seeds where two differ by > 2 points, in REPRO_LANES parallel lanes; resumable; ends in the report.
 REPRO_SEEDS ?= 0,1
 REPRO_EXP ?= imagenette_cpu
-REPRO := $(PY) -m mabn.train --multirun experiment=$(REPRO_EXP) seed=$(REPRO_SEEDS) output_root=$(OUTPUTS) $(ARGS)
+REPRO_LANES ?= 2
+REPRO_ONLY ?= figure,real_b2,ablations,third
+REPRO_ARCHIVE ?=
 repro: $(INSTALLED)
-	$(REPRO) norm=bn,brn,mabn norm.norm_batch=32,2
-	$(REPRO) norm=gn
-	$(REPRO) norm=bn,mabn data.batch_per_gpu=2 train.grad_accum=16
-	$(REPRO) norm=mabn norm.norm_batch=2 ablation=sma_forward_only,sma_backward_only,ema,no_centered_conv,no_renorm
-	$(REPRO) norm=mabn norm.norm_batch=32,2 ablation=warmup400
+	$(PY) scripts/repro.py --experiment $(REPRO_EXP) --seeds $(REPRO_SEEDS) --lanes $(REPRO_LANES) --only $(REPRO_ONLY) \
+	    --output-root $(OUTPUTS) $(if $(REPRO_ARCHIVE),--archive $(REPRO_ARCHIVE)) $(ARGS)
 	$(MAKE) --no-print-directory repro-report
 
 repro-report: $(INSTALLED)

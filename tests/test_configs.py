@@ -30,7 +30,7 @@ def test_every_model_and_norm_composes_and_builds(model, norm):
     validate(cfg)
     assert cfg.norm.name == norm and cfg.norm.norm_batch == cfg.data.batch_per_gpu
     if model != "resnet50":  # resnet50 is built in the parameter-count test
-        net = build_model(**model_kwargs(cfg, 10, total_iters=1000))
+        net = build_model(**model_kwargs(cfg, 10, steps_per_epoch=100))
         assert net.fc.out_features == 10
 
 
@@ -66,6 +66,45 @@ def test_every_ablation_switches_one_mabn_setting_and_tags_its_run_dir(ablation)
     assert switched["tag"] == f"-{ablation}"  # one run dir per ablation, named after it
     changed = {key for key in changed if key != "tag" and not key.startswith("hydra.")}
     assert len(changed) == 1 and next(iter(changed)).startswith("norm."), changed
+
+
+@pytest.mark.parametrize(
+    "overrides, steps_per_epoch, expected",
+    [
+        (["schedule=paper"], 5000, 100),  # no lr warmup (the paper's recipe): the paper's 100
+        (["experiment=imagenette_cpu"], 295, 147),  # warmup 0.5 epochs of 295 steps
+        (["experiment=imagenette_cpu"], 100, 100),  # lr warmup shorter than 100 forwards: 100
+        (["experiment=imagenette_cpu", "data.batch_per_gpu=2", "train.grad_accum=16"], 295, 147 * 16),  # forwards
+        (["experiment=imagenette_cpu", "norm.options.warmup=100"], 295, 100),  # an integer is kept
+        (["experiment=imagenette_cpu", "ablation=warmup100"], 295, 100),
+        (["experiment=imagenette_cpu", "norm.options.warmup=0"], 295, 0),
+    ],
+)
+def test_mabn_warmup_auto_ends_no_earlier_than_the_lr_warmup(overrides, steps_per_epoch, expected):
+    cfg = _compose(["norm=mabn", *overrides])
+    validate(cfg)
+    kwargs = model_kwargs(cfg, 10, steps_per_epoch)
+    assert kwargs["warmup"] == expected
+    net = build_model(**kwargs)
+    assert {m.warmup for m in net.modules() if hasattr(m, "chi_ring")} == {expected}
+
+
+def test_auto_warmup_matches_the_lr_schedule_it_follows():
+    from mabn.optim import LRSchedule
+
+    cfg = _compose(["norm=mabn", "experiment=imagenette_cpu"])
+    schedule = LRSchedule(1.0, 295, cfg.schedule)
+    warmup = model_kwargs(cfg, 10, 295)["warmup"]
+    assert schedule(warmup - 1) == 1.0 and schedule(warmup - 2) < 1.0  # step `warmup` (forward t = warmup) is at the peak
+
+
+@pytest.mark.parametrize("value", ["-5", "soon", "1.5", "true"])
+def test_bad_mabn_warmup_is_a_config_error(value):
+    from mabn.config import ConfigError
+
+    cfg = _compose(["norm=mabn", f"norm.options.warmup={value}"])
+    with pytest.raises(ConfigError, match="norm.options.warmup"):
+        validate(cfg)
 
 
 def _make_config(*variables) -> str:

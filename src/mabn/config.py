@@ -4,9 +4,10 @@ import pathlib
 from omegaconf import DictConfig, OmegaConf
 
 from .data import INPUT_FORMATS, LOADERS
-from .optim import POLICIES
+from .optim import POLICIES, warmup_steps
 
 BATCH_STAT_NORMS = ("bn", "brn", "mabn")  # norms whose statistics come from a normalization batch
+MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"train.total_batch={total} but data.batch_per_gpu={n} x {world_size} processes x "
             f"train.grad_accum={accum} = {n * world_size * accum}; change one of them"
         )
+    warmup = cfg.norm.get("options", {}).get("warmup")
+    if cfg.norm.name == "mabn" and warmup != "auto" and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise ConfigError(f"norm.options.warmup={warmup!r} is not valid; valid: auto, or an integer >= 0 (forwards)")
     if cfg.schedule.epochs <= 0:
         raise ConfigError(f"schedule.epochs={cfg.schedule.epochs!r} must be positive")
     if cfg.train.nan_policy not in ("stop", "skip"):
@@ -58,22 +62,39 @@ def sgd_batch(cfg: DictConfig, world_size: int) -> int:
     return cfg.data.batch_per_gpu * world_size * cfg.train.grad_accum
 
 
-def norm_kwargs(norm_cfg: DictConfig, total_iters: int) -> dict:
+def auto_mabn_warmup(lr_warmup_forwards: int) -> int:
+    """MABN's `warmup: auto` (SPEC §8): switch to moving averages no earlier than the end of the
+    learning-rate warmup, and never before the paper's 100 iterations."""
+    return max(MIN_MABN_WARMUP, lr_warmup_forwards)
+
+
+def norm_kwargs(norm_cfg: DictConfig, total_iters: int, lr_warmup_forwards: int = 0) -> dict:
     """Keyword arguments of `build_norm` for this norm config.
 
+    Both counts are training forwards (what the layers count: optimizer steps x train.grad_accum).
     BRN's schedule is configured as fractions of the run's total iterations (`*_frac` keys), so
-    short runs get a proportional schedule; they become iteration counts here.
+    short runs get a proportional schedule; they become iteration counts here. `warmup: auto`
+    becomes MABN's warmup for this schedule (`auto_mabn_warmup`); an integer is kept.
     """
     kwargs = dict(OmegaConf.to_container(norm_cfg.get("options", {}), resolve=True))
     for key in [k for k in kwargs if k.endswith("_frac")]:
         kwargs[key.removesuffix("_frac")] = max(1, round(kwargs.pop(key) * total_iters))
+    if kwargs.get("warmup") == "auto":
+        kwargs["warmup"] = auto_mabn_warmup(lr_warmup_forwards)
     if norm_cfg.name in BATCH_STAT_NORMS:
         kwargs["norm_batch"] = norm_cfg.norm_batch
     return kwargs
 
 
-def model_kwargs(cfg: DictConfig, num_classes: int, total_iters: int) -> dict:
-    """Keyword arguments of `mabn.models.build_model` for this run."""
+def model_kwargs(cfg: DictConfig, num_classes: int, steps_per_epoch: int) -> dict:
+    """Keyword arguments of `mabn.models.build_model` for this run.
+
+    The norms count training forwards (optimizer steps x train.grad_accum), so the run's length and
+    its learning-rate warmup reach `norm_kwargs` in forwards.
+    """
+    forwards_per_step = cfg.train.grad_accum
+    total_forwards = int(steps_per_epoch * cfg.schedule.epochs) * forwards_per_step
+    lr_warmup_forwards = warmup_steps(cfg.schedule, steps_per_epoch) * forwards_per_step
     return dict(
         arch=cfg.model.arch,
         norm=cfg.norm.name,
@@ -82,5 +103,5 @@ def model_kwargs(cfg: DictConfig, num_classes: int, total_iters: int) -> dict:
         stem=cfg.model.stem,
         centered_conv=cfg.norm.get("centered_conv"),
         zero_init_last_gamma=cfg.model.zero_init_last_gamma,
-        **norm_kwargs(cfg.norm, total_iters),
+        **norm_kwargs(cfg.norm, total_forwards, lr_warmup_forwards),
     )

@@ -27,6 +27,11 @@ def build_optimizer(model: nn.Module, optim_cfg, lr: float) -> torch.optim.SGD:
     return torch.optim.SGD(groups, lr=lr, momentum=optim_cfg.momentum, nesterov=optim_cfg.nesterov)
 
 
+def warmup_steps(schedule_cfg, steps_per_epoch: int) -> int:
+    """Optimizer steps of the linear learning-rate warmup (0: none, as the paper's multistep recipe)."""
+    return int(schedule_cfg.warmup_epochs * steps_per_epoch)
+
+
 class LRSchedule:
     """lr(step) for step = optimizer steps taken so far: linear warmup, then multistep or cosine decay.
 
@@ -38,7 +43,7 @@ class LRSchedule:
             raise ValueError(f"schedule.policy={schedule_cfg.policy!r} is not valid; valid: {', '.join(POLICIES)}")
         self.peak = peak_lr
         self.total = max(1, int(schedule_cfg.epochs * steps_per_epoch))
-        self.warmup = int(schedule_cfg.warmup_epochs * steps_per_epoch)
+        self.warmup = warmup_steps(schedule_cfg, steps_per_epoch)
         self.policy = schedule_cfg.policy
         self.milestones = [int(m * steps_per_epoch) for m in schedule_cfg.milestones]
         self.gamma = schedule_cfg.gamma

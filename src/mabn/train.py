@@ -87,9 +87,8 @@ class Job:
             raise ConfigError(
                 f"train.grad_accum={cfg.train.grad_accum} exceeds the {self.loaders.train_batches} batches per epoch"
             )
-        total_forwards = self.steps_per_epoch * cfg.train.grad_accum * cfg.schedule.epochs
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model_kwargs = model_kwargs(cfg, len(self.loaders.classes), total_forwards)
+        self.model_kwargs = model_kwargs(cfg, len(self.loaders.classes), self.steps_per_epoch)
         net = build_model(**self.model_kwargs).to(info.device)
         if cfg.train.channels_last:
             net = net.to(memory_format=torch.channels_last)

@@ -208,8 +208,10 @@ class MABN2d(nn.Module):
             raise ValueError(f"MABN2d: average='{average}' is not one of {', '.join(AVERAGES)}")
         if kernel not in KERNELS:
             raise ValueError(f"MABN2d: kernel='{kernel}' is not one of {', '.join(KERNELS)}")
-        if window < 1:
-            raise ValueError(f"MABN2d: window={window} must be >= 1")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"MABN2d: window={window!r} must be an integer >= 1")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"MABN2d: warmup={warmup!r} must be an integer >= 0 (forwards of current statistics)")
         self.num_features, self.norm_batch, self.window, self.warmup = num_features, norm_batch, window, warmup
         self.eps, self.momentum = eps, momentum
         self.renorm, self.renorm_start, self.renorm_clip = renorm, renorm_start, renorm_clip
