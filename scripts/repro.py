@@ -120,7 +120,7 @@ def run_lanes(plan: Plan, runs: list[list[str]], lanes: int, threads: int, log_d
     """Run `runs` in `lanes` parallel subprocesses; returns the number of failed runs."""
     todo: queue.Queue = queue.Queue()
     for i, run in enumerate(runs):
-        todo.put((i, run))
+        todo.put((i, run, plan.run_dir(run)))  # composed here: Hydra's global state is not thread-safe
     failed, lock = [], threading.Lock()
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -128,10 +128,9 @@ def run_lanes(plan: Plan, runs: list[list[str]], lanes: int, threads: int, log_d
     def lane(index: int) -> None:
         while True:
             try:
-                i, run = todo.get_nowait()
+                i, run, run_dir = todo.get_nowait()
             except queue.Empty:
                 return
-            run_dir = plan.run_dir(run)
             log_file = log_dir / f"{run_dir.name}.log"
             started = time.time()
             print(f"[lane {index}] {i + 1}/{len(runs)} start {run_dir.name} (log {log_file})", flush=True)
