@@ -4,9 +4,9 @@ import pathlib
 from omegaconf import DictConfig, OmegaConf
 
 from .data import INPUT_FORMATS, LOADERS
+from .norms import BATCH_STAT_NORMS
 from .optim import POLICIES, warmup_steps
 
-BATCH_STAT_NORMS = ("bn", "brn", "mabn")  # norms whose statistics come from a normalization batch
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
 
 

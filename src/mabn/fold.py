@@ -48,10 +48,24 @@ def conv_norm_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 @torch.no_grad()
 def fold_norms(model: nn.Module) -> nn.Module:
-    """An eval-only copy of `model` with each foldable norm merged into its conv (a plain Conv2d with bias)."""
+    """An eval-only copy of `model` with each foldable norm merged into its conv (a plain Conv2d with bias).
+
+    Parts that torch.fx cannot trace (a detector's data-dependent control flow) are folded child by
+    child, so a detector's backbone is folded while its heads stay as they are."""
     folded = copy.deepcopy(model).eval()
-    for conv_path, norm_path in conv_norm_pairs(folded):
-        conv, norm = folded.get_submodule(conv_path), folded.get_submodule(norm_path)
+    _fold_in_place(folded)
+    return folded
+
+
+def _fold_in_place(module: nn.Module) -> None:
+    try:
+        pairs = conv_norm_pairs(module)
+    except Exception:  # noqa: BLE001 - tracing runs arbitrary model code; whatever stops it, fold the children
+        for child in module.children():
+            _fold_in_place(child)
+        return
+    for conv_path, norm_path in pairs:
+        conv, norm = module.get_submodule(conv_path), module.get_submodule(norm_path)
         affine = eval_affine(norm)
         if affine is None:
             continue
@@ -63,14 +77,8 @@ def fold_norms(model: nn.Module) -> nn.Module:
         merged.weight.copy_(effective_conv_weight(conv) * scale[:, None, None, None])
         bias = conv.bias if conv.bias is not None else torch.zeros_like(shift)
         merged.bias.copy_(bias * scale + shift)
-        _set_submodule(folded, conv_path, merged)
-        _set_submodule(folded, norm_path, nn.Identity())
-    return folded
-
-
-def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, module)
+        module.set_submodule(conv_path, merged)
+        module.set_submodule(norm_path, nn.Identity())
 
 
 __all__ = ["conv_norm_pairs", "eval_affine", "fold_norms"]

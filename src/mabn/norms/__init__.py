@@ -20,6 +20,8 @@ NORMS: dict[str, type[nn.Module]] = {
     "mabn": MABN2d,
 }
 
+BATCH_STAT_NORMS = ("bn", "brn", "mabn")  # norms whose statistics come from a normalization batch
+
 
 def register_norm(name: str, cls: type[nn.Module]) -> None:
     """Make `cls` (constructor `cls(num_features, **kwargs)`) buildable as `build_norm(name, ...)`."""
@@ -51,6 +53,7 @@ def name_norm_layers(model: nn.Module) -> None:
 
 
 __all__ = [
+    "BATCH_STAT_NORMS",
     "NORMS",
     "BatchRenorm2d",
     "CenConv2d",
