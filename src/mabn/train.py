@@ -168,6 +168,7 @@ class Job:
                 config=OmegaConf.to_yaml(self.cfg, resolve=True),
                 eval_running_stats=eval_running_stats,
                 world_size=self.info.world_size,
+                model_kwargs=self.model_kwargs,  # the resolved schedules (warmup, BRN t0...), for export
             )
             path = self.checkpoints.save(state, progress.step, is_best=is_best)
             progress.last_checkpoint = str(path)

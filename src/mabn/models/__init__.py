@@ -49,4 +49,6 @@ def resnet18(norm: str = "bn", num_classes: int = 1000, **norm_kwargs) -> ResNet
     return build_model("resnet18", norm=norm, num_classes=num_classes, **norm_kwargs)
 
 
-__all__ = ["ARCHS", "ResNet", "build_model", "resnet18", "resnet50"]
+from .export import ExportError, export_backbone, load_backbone  # noqa: E402 - export builds models with build_model
+
+__all__ = ["ARCHS", "ExportError", "ResNet", "build_model", "export_backbone", "load_backbone", "resnet18", "resnet50"]

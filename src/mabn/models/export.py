@@ -1,0 +1,122 @@
+"""A trained run's ResNet as a torchvision ResNet: `export_backbone` writes it (with the rank-averaged eval
+statistics, optionally folded), `load_backbone` returns a `torchvision.models.ResNet` that torchvision's
+detection backbones accept, e.g. `backbone_utils._resnet_fpn_extractor(load_backbone(path), 5)`.
+
+Our ResNet has torchvision's layout (same module names), so the state dict carries over as it is;
+only runs at torchvision's widths and stem (width 64, `stem: imagenet`) can be exported.
+"""
+import pathlib
+
+import torch
+import torchvision
+from omegaconf import OmegaConf
+from torch import nn
+
+from .. import checkpoint as ckpt
+from ..config import norm_kwargs
+from ..convert import center_convs
+from ..fold import fold_norms
+from ..norms import name_norm_layers, norm_factory
+
+FORMAT = "mabn-backbone/1"
+TORCHVISION_ARCHS = ("resnet18", "resnet50")
+
+
+class ExportError(ValueError):
+    """A run or file that cannot be exported or loaded; one line naming what and why."""
+
+
+def checkpoint_of(run_dir: str | pathlib.Path) -> pathlib.Path:
+    """The run's best checkpoint (lowest val error), else its newest step checkpoint."""
+    run_dir = pathlib.Path(run_dir)
+    best = run_dir / "checkpoints" / "best.pt"
+    if best.is_file():
+        return best
+    steps = ckpt.CheckpointDir(run_dir).step_files() if (run_dir / "checkpoints").is_dir() else []
+    if not steps:
+        raise ExportError(f"{run_dir} has no checkpoints/best.pt or step checkpoint; pass a run dir of `python -m mabn.train`")
+    return steps[-1]
+
+
+def trained_network(path: pathlib.Path) -> tuple[nn.Module, dict]:
+    """Our ResNet from a training checkpoint, its running statistics replaced by the rank-averaged ones
+    that evaluation used (SPEC §1), and the keyword arguments that built it."""
+    from . import build_model
+
+    try:
+        state = ckpt.load(path)
+    except Exception as err:
+        raise ExportError(f"{path} cannot be loaded: {ckpt.describe_error(err)}") from None
+    cfg = OmegaConf.create(state["config"])
+    kwargs = state.get("model_kwargs")
+    if kwargs is None:  # checkpoints before model_kwargs were saved: schedules resolved for a 1-iteration run
+        num_classes = state["model"]["fc.weight"].shape[0]
+        kwargs = dict(arch=cfg.model.arch, norm=cfg.norm.name, num_classes=num_classes, width=cfg.model.width,
+                      stem=cfg.model.stem, centered_conv=cfg.norm.get("centered_conv"),
+                      zero_init_last_gamma=cfg.model.zero_init_last_gamma, **norm_kwargs(cfg.norm, 1))
+    if kwargs["arch"] not in TORCHVISION_ARCHS or kwargs["width"] != 64 or kwargs["stem"] != "imagenet":
+        raise ExportError(
+            f"{path}: model {kwargs['arch']} with width={kwargs['width']}, stem={kwargs['stem']} has no torchvision "
+            f"counterpart; valid: arch in {', '.join(TORCHVISION_ARCHS)} with width=64 and stem=imagenet"
+        )
+    net = build_model(**kwargs)
+    net.load_state_dict(state["model"])
+    buffers = dict(net.named_buffers())
+    with torch.no_grad():
+        for name, value in state.get("eval_running_stats", {}).items():
+            buffers[name].copy_(value)
+    return net.eval(), kwargs
+
+
+def export_backbone(run_dir: str | pathlib.Path, out: str | pathlib.Path, fold: bool = False,
+                    checkpoint: str | pathlib.Path | None = None) -> dict:
+    """Write the run's network (its best checkpoint unless `checkpoint` is given) to `out`; returns what was written."""
+    path = pathlib.Path(checkpoint) if checkpoint else checkpoint_of(run_dir)
+    net, kwargs = trained_network(path)
+    centered = kwargs["centered_conv"] if kwargs["centered_conv"] is not None else kwargs["norm"] == "mabn"
+    layer_kwargs = {k: v for k, v in kwargs.items()
+                    if k not in ("arch", "norm", "num_classes", "width", "stem", "centered_conv", "zero_init_last_gamma")}
+    state_dict = (fold_norms(net) if fold else net).state_dict()
+    entry = dict(format=FORMAT, arch=kwargs["arch"], num_classes=kwargs["num_classes"], norm=kwargs["norm"],
+                 norm_kwargs=layer_kwargs, centered_conv=bool(centered), folded=fold, checkpoint=str(path),
+                 state_dict=state_dict)
+    load_backbone_from(entry)  # the file must load: fail here, not in the user's detector
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_save(entry, out)
+    return {k: v for k, v in entry.items() if k != "state_dict"}
+
+
+def load_backbone(path: str | pathlib.Path) -> torchvision.models.ResNet:
+    """The `torchvision.models.ResNet` written by `export_backbone` / `scripts/export_backbone.py` (train mode,
+    as torchvision builds it): our norm layers (and centered convs for MABN), or plain convs with bias
+    and no norms when the file was folded."""
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ExportError(f"{path} cannot be loaded: {ckpt.describe_error(err)}") from None
+    if not isinstance(entry, dict) or entry.get("format") != FORMAT:
+        raise ExportError(f"{path} is not a backbone file ({FORMAT}); write one with scripts/export_backbone.py")
+    return load_backbone_from(entry)
+
+
+def load_backbone_from(entry: dict) -> torchvision.models.ResNet:
+    builder = getattr(torchvision.models, entry["arch"])
+    state_dict = entry["state_dict"]
+    if entry["folded"]:
+        model = builder(weights=None, num_classes=entry["num_classes"], norm_layer=nn.Identity)
+        for path, conv in list(model.named_modules()):
+            if isinstance(conv, nn.Conv2d) and f"{path}.bias" in state_dict:
+                model.set_submodule(path, nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                                                    conv.padding, conv.dilation, conv.groups, bias=True))
+    else:
+        norm_layer = norm_factory(entry["norm"], **entry["norm_kwargs"])
+        model = builder(weights=None, num_classes=entry["num_classes"], norm_layer=norm_layer)
+        if entry["centered_conv"]:
+            center_convs(model)
+    model.load_state_dict(state_dict)
+    name_norm_layers(model)
+    return model
+
+
+__all__ = ["ExportError", "export_backbone", "load_backbone"]

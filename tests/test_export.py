@@ -1,0 +1,71 @@
+"""A trained run exported as a torchvision ResNet (our norms, or folded) and loaded back for detection."""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+from mabn.models import ExportError, load_backbone
+from mabn.models.export import checkpoint_of, trained_network
+from mabn.norms import CenConv2d, MABN2d
+
+from .conftest import ROOT, train_command
+
+
+@pytest.fixture(scope="module")
+def mabn_run(tiny_shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cmd = train_command(tiny_shapes, out, "model=resnet18", "model.width=64", "norm=mabn", "norm.norm_batch=4",
+                        "norm.options.window=2", "norm.options.warmup=2", "data.crop_size=32", "data.val_resize=36")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return next(p.parent for p in out.rglob("metrics.jsonl"))
+
+
+def _export(run_dir, out, *flags):
+    return subprocess.run([sys.executable, "scripts/export_backbone.py", str(run_dir), "--out", str(out), *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_exported_backbone_is_the_trained_network_in_torchvision_and_feeds_an_fpn(mabn_run, tmp_path):
+    done = _export(mabn_run, tmp_path / "backbone.pt")
+    assert done.returncode == 0, done.stderr
+    backbone = load_backbone(tmp_path / "backbone.pt").eval()
+    assert type(backbone) is torchvision.models.ResNet
+    assert isinstance(backbone.layer1[0].bn1, MABN2d) and isinstance(backbone.conv1, CenConv2d)
+    assert backbone.layer1[0].bn1.layer_name == "layer1.0.bn1"
+    ours, _ = trained_network(checkpoint_of(mabn_run))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = ours(x)
+        torch.testing.assert_close(backbone(x), expected, rtol=0, atol=0)
+
+    done = _export(mabn_run, tmp_path / "deploy.pt", "--fold")
+    assert done.returncode == 0, done.stderr
+    folded = load_backbone(tmp_path / "deploy.pt").eval()
+    assert not any(isinstance(m, MABN2d) for m in folded.modules()) and folded.conv1.bias is not None
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+    fpn = _resnet_fpn_extractor(load_backbone(tmp_path / "backbone.pt"), trainable_layers=5)
+    features = fpn(torch.randn(4, 3, 64, 64))  # train mode: one normalization group of 4, as trained
+    assert set(features) == {"0", "1", "2", "3", "pool"} and all(torch.isfinite(f).all() for f in features.values())
+
+
+def test_export_errors_are_one_line(mabn_run, tmp_path):
+    done = _export(tmp_path, tmp_path / "x.pt")
+    assert done.returncode == 2 and done.stderr.startswith("error: ") and "has no checkpoints" in done.stderr
+    assert not (tmp_path / "x.pt").exists()
+    (tmp_path / "junk.pt").write_bytes(b"not a file")
+    with pytest.raises(ExportError, match="cannot be loaded"):
+        load_backbone(tmp_path / "junk.pt")
+
+
+def test_narrow_models_have_no_torchvision_layout(tiny_shapes, tmp_path):
+    cmd = train_command(tiny_shapes, tmp_path / "out", "train.max_batches_per_epoch=2")  # model.width=8
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    run_dir = next((tmp_path / "out").rglob("metrics.jsonl")).parent
+    done = _export(run_dir, tmp_path / "x.pt")
+    assert done.returncode == 2 and "no torchvision counterpart" in done.stderr and "width=8" in done.stderr
