@@ -139,3 +139,49 @@ def test_slurm_launcher_config_composes():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 8, 8)
+
+
+BAD_VALUES = {  # override -> what the one error line must say
+    "norm=mabn norm.options.window=0": "window=0 is not valid; valid: an integer >= 1",
+    "norm=mabn norm.options.warmup=-5": "norm.options.warmup=-5 is not valid",
+    "norm=mabn norm.options.momentum=1.5": "momentum=1.5 is not valid; valid: a number in [0, 1]",
+    "norm=mabn norm.options.renorm_clip=0.5": "renorm_clip=0.5 is not valid; valid: a number >= 1",
+    "norm=mabn norm.options.renorm_start=-1": "renorm_start=-1 is not valid",
+    "norm=mabn norm.options.average=wma": "average='wma' is not one of sma, ema",
+    "norm=mabn norm.options.eps=0": "eps=0 is not valid; valid: a number > 0",
+    "norm=gn norm.options.num_groups=7": "16 channels cannot be split into 7 groups",
+    "norm=gn norm.options.num_groups=0": "num_groups=0 is not valid",
+    "norm=brn norm.options.r_max_final=0.5": "r_max_final=0.5 is not valid; valid: a number >= 1",
+    "norm=brn norm.options.d_max_final=-1": "d_max_final=-1 is not valid",
+    "norm=brn norm.options.momentum=0": "momentum=0 is not valid; valid: a number in (0, 1]",
+    "norm=bn norm.options.momentum=2": "momentum=2 is not valid",
+    "data.crop_size=0": "data.crop_size=0 is not valid; valid: a positive integer",
+    "data.val_resize=16": "data.val_resize=16 is not valid; valid: an integer >= data.crop_size=",
+    "data.crop_scale=[0.5,0.2]": "data.crop_scale=[0.5, 0.2] is not valid",
+    "data.workers=-1": "data.workers=-1 is not valid",
+    "data.val_batch_per_gpu=0": "data.val_batch_per_gpu=0 is not valid",
+    "data.lighting_std=-0.1": "data.lighting_std=-0.1 is not valid",
+    "schedule.base_lr=0": "schedule.base_lr=0 is not valid",
+    "schedule.warmup_epochs=-1": "schedule.warmup_epochs=-1 is not valid",
+    "schedule=paper schedule.milestones=[90,30]": "schedule.milestones=[90, 30] is not valid; valid: increasing epochs",
+    "schedule.gamma=0": "schedule.gamma=0 is not valid",
+    "optim.momentum=1": "optim.momentum=1 is not valid; valid: a number in [0, 1)",
+    "optim.weight_decay=-1": "optim.weight_decay=-1 is not valid",
+    "train.device=tpu": "train.device='tpu' is not valid; valid: auto, cpu, cuda or cuda:N",
+    "train.checkpoint_keep=0": "train.checkpoint_keep=0 is not valid",
+    "train.max_batches_per_epoch=0": "train.max_batches_per_epoch=0 is not valid",
+    "stats.every=0": "stats.every=0 is not valid",
+    "output_root='~/runs'": "output_root='~/runs' is not valid; valid: a path without ~",  # as the shell passes it quoted
+}
+
+
+@pytest.mark.parametrize("overrides", list(BAD_VALUES))
+def test_every_bad_value_is_one_config_error_before_anything_is_built(overrides):
+    from mabn.config import ConfigError
+    from mabn.preflight import check_layers
+
+    cfg = _compose(overrides.split())
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+        check_layers(cfg)
+    assert BAD_VALUES[overrides] in str(err.value) and "\n" not in str(err.value)

@@ -193,3 +193,19 @@ def test_resuming_with_another_norm_names_both(tiny_shapes, tmp_path):
     out = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "norm=mabn"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "was trained with norm.name=bn, this run asks for norm.name=mabn" in out.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["norm=mabn", "norm.options.window=0"], "window=0 is not valid; valid: an integer >= 1"),
+    (["norm=mabn", "norm.options.warmup=-5"], "norm.options.warmup=-5 is not valid"),
+    (["norm=gn", "norm.options.num_groups=7"], "8 channels cannot be split into 7 groups"),
+    (["data.crop_size=0"], "data.crop_size=0 is not valid"),
+    pytest.param(["train.device=cuda"], "train.device='cuda' but no CUDA device is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+])
+def test_bad_layer_and_data_values_fail_before_the_run_dir_exists(tiny_shapes, tmp_path, overrides, message):
+    out = subprocess.run(train_command(tiny_shapes, tmp_path / "out", *overrides), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert not (tmp_path / "out").exists()

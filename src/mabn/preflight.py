@@ -6,11 +6,13 @@ import os
 import pathlib
 import sys
 
+import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .config import ConfigError, validate
+from .config import ConfigError, model_kwargs, validate
 from .data import DatasetError, check_layout
+from .models import build_model
 
 
 def writable_dir_problem(path: pathlib.Path) -> str | None:
@@ -27,8 +29,19 @@ def writable_dir_problem(path: pathlib.Path) -> str | None:
     return None
 
 
+def check_layers(cfg: DictConfig) -> None:
+    """Build the model on the meta device (no memory, no init), so that every layer constructor's own checks
+    (norm options, GN groups, BRN limits...) run before anything is written."""
+    try:
+        with torch.device("meta"):
+            build_model(**model_kwargs(cfg, num_classes=10, steps_per_epoch=1000))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"norm={cfg.norm.name}, norm.options: {err}") from None
+
+
 def preflight(cfg: DictConfig, output_dir: str) -> None:
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    check_layers(cfg)
     how = cfg.data.get("generate")
     if not how:
         check_layout(os.path.expanduser(str(cfg.data.root)))

@@ -33,6 +33,20 @@ def group_view(layer, x: torch.Tensor, norm_batch: int | None) -> torch.Tensor:
     return x.reshape(n // b, b, c, h * w)
 
 
+def require(owner: str, name: str, value, ok: bool, valid: str) -> None:
+    """Raise a one-line ValueError `owner: name=value is not valid; valid: ...` unless `ok`."""
+    if not ok:
+        raise ValueError(f"{owner}: {name}={value!r} is not valid; valid: {valid}")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def layer_label(layer) -> str:
     """`ClassName 'model.path'` when the model named its layers (see `name_norm_layers`), else the class."""
     name = getattr(layer, "layer_name", None)

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ._groups import check_input
+from ._groups import check_input, is_int, is_number, require
 from .batchnorm import GroupBatchNormFunction
 
 
@@ -31,6 +31,12 @@ class BatchRenorm2d(nn.Module):
         min_t0: int = 0,
     ):
         super().__init__()
+        require("BatchRenorm2d", "momentum", momentum, is_number(momentum) and 0 < momentum <= 1, "a number in (0, 1]")
+        require("BatchRenorm2d", "eps", eps, is_number(eps) and eps > 0, "a number > 0")
+        require("BatchRenorm2d", "r_max_final", r_max_final, is_number(r_max_final) and r_max_final >= 1, "a number >= 1")
+        require("BatchRenorm2d", "d_max_final", d_max_final, is_number(d_max_final) and d_max_final >= 0, "a number >= 0")
+        for name, value in (("t0", t0), ("r_ramp", r_ramp), ("d_ramp", d_ramp), ("min_t0", min_t0)):
+            require("BatchRenorm2d", name, value, is_int(value) and value >= 0, "an integer >= 0 (iterations)")
         self.num_features, self.norm_batch, self.eps, self.momentum = num_features, norm_batch, eps, momentum
         # A schedule scaled down to a short run must still leave the running statistics time to settle
         # before r and d use them: `min_t0` (e.g. 5 time constants, 5 / momentum) is a floor on t0.

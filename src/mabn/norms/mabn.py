@@ -13,7 +13,7 @@ one forward as consecutive entries, so a window of m groups spans this and earli
 import torch
 from torch import nn
 
-from ._groups import check_input, grad_sums, group_view, per_sample, scale_shift, second_moment
+from ._groups import check_input, grad_sums, group_view, is_int, is_number, per_sample, require, scale_shift, second_moment
 
 AVERAGES = ("sma", "ema")
 
@@ -208,10 +208,13 @@ class MABN2d(nn.Module):
             raise ValueError(f"MABN2d: average='{average}' is not one of {', '.join(AVERAGES)}")
         if kernel not in KERNELS:
             raise ValueError(f"MABN2d: kernel='{kernel}' is not one of {', '.join(KERNELS)}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"MABN2d: window={window!r} must be an integer >= 1")
-        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-            raise ValueError(f"MABN2d: warmup={warmup!r} must be an integer >= 0 (forwards of current statistics)")
+        require("MABN2d", "window", window, is_int(window) and window >= 1, "an integer >= 1")
+        require("MABN2d", "warmup", warmup, is_int(warmup) and warmup >= 0, "an integer >= 0 (forwards of current statistics)")
+        require("MABN2d", "momentum", momentum, is_number(momentum) and 0 <= momentum <= 1,
+                "a number in [0, 1] (the weight of the old running_var)")
+        require("MABN2d", "eps", eps, is_number(eps) and eps > 0, "a number > 0")
+        require("MABN2d", "renorm_clip", renorm_clip, is_number(renorm_clip) and renorm_clip >= 1, "a number >= 1 (r in [1/clip, clip])")
+        require("MABN2d", "renorm_start", renorm_start, is_int(renorm_start) and renorm_start >= 0, "an integer >= 0")
         self.num_features, self.norm_batch, self.window, self.warmup = num_features, norm_batch, window, warmup
         self.eps, self.momentum = eps, momentum
         self.renorm, self.renorm_start, self.renorm_clip = renorm, renorm_start, renorm_clip
