@@ -89,9 +89,10 @@ repro: $(INSTALLED)
 	    --output-root $(OUTPUTS) $(if $(REPRO_ARCHIVE),--archive $(REPRO_ARCHIVE)) $(ARGS)
 	$(MAKE) --no-print-directory repro-report
 
+REPORT_ROOT ?= $(if $(REPRO_ARCHIVE),$(REPRO_ARCHIVE),$(OUTPUTS))/$(REPRO_EXP)
 repro-report: $(INSTALLED)
-	$(PY) scripts/results_table.py $(OUTPUTS)/$(REPRO_EXP)
-	$(PY) scripts/plot_results.py error-vs-batch $(OUTPUTS)/$(REPRO_EXP) --out $(OUTPUTS)/$(REPRO_EXP)/error_vs_batch.png
+	$(PY) scripts/results_table.py $(REPORT_ROOT)
+	$(PY) scripts/plot_results.py error-vs-batch $(REPORT_ROOT) --paper --out $(REPORT_ROOT)/error_vs_batch.png
 
 bench: $(INSTALLED)
 	$(PY) -m scripts.bench.run_all --out $(OUTPUTS)/bench $(BENCH_ARGS)

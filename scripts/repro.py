@@ -21,6 +21,7 @@ statistics; no checkpoints) to DIR/<task>/<run>, and runs finished there count a
 can continue on another machine from the committed records alone.
 """
 import argparse
+import json
 import os
 import pathlib
 import queue
@@ -84,10 +85,12 @@ def is_finished(run_dir: pathlib.Path) -> bool:
 
 
 def final_error(run_dir: pathlib.Path) -> float | None:
-    from mabn.results import load_run
-
-    run = load_run(run_dir)
-    return run.final_err if run is not None and run.finished else None
+    """The last epoch's val top-1 error of a finished run, else None."""
+    if not is_finished(run_dir):
+        return None
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    epochs = [r for r in records if "epoch" in r]
+    return epochs[-1]["val_top1_err"] if epochs else None
 
 
 def third_seeds(plan: Plan, parts: list[str], seeds: list[int], spread: float) -> list[list[str]]:

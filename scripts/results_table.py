@@ -1,14 +1,14 @@
 #!/usr/bin/env python
 """Top-1 error table of every run under the given folders, with the paper's numbers beside.
 
-  python scripts/results_table.py outputs            # writes outputs/results.md and outputs/results.csv
+  python scripts/results_table.py outputs            # writes outputs/results.md, results.csv and runs.md (every run, its commits)
   python scripts/results_table.py outputs/repro --out docs/results
 """
 import argparse
 import pathlib
 import sys
 
-from mabn.results import find_runs, group_runs, to_csv, to_markdown
+from mabn.results import find_runs, group_runs, runs_markdown, to_csv, to_markdown
 
 
 def main() -> int:
@@ -26,8 +26,9 @@ def main() -> int:
     markdown = to_markdown(rows)
     (out / "results.md").write_text(markdown)
     (out / "results.csv").write_text(to_csv(rows))
+    (out / "runs.md").write_text(runs_markdown(runs))
     print(markdown)
-    print(f"({len(runs)} runs; written to {out / 'results.md'} and {out / 'results.csv'})", file=sys.stderr)
+    print(f"({len(runs)} runs; written to {out / 'results.md'}, {out / 'results.csv'} and {out / 'runs.md'})", file=sys.stderr)
     return 0
 
 

@@ -60,6 +60,9 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "results.md").read_text().strip() == out.stdout.strip()
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 5
+    every_run = (tmp_path / "runs.md").read_text().splitlines()[2:]
+    assert len(every_run) == 9 and sum("| unfinished |" in line for line in every_run) == 1
+    assert all(line.rstrip(" |").rsplit("| ", 1)[1] not in ("", "-", "unrecorded") for line in every_run if "-s7" not in line)
     plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_results.py"), "error-vs-batch", str(sweep_dir),
                            "--out", str(tmp_path / "evb.png"), "--paper"], capture_output=True, text=True, timeout=120)
     assert plot.returncode == 0, plot.stderr

@@ -140,6 +140,16 @@ def to_markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n" + note
 
 
+def runs_markdown(runs: list[Run]) -> str:
+    """One line per run: its seed, state, final error and the commits of the code that ran it (`source`)."""
+    lines = ["| run | seed | epochs | final top-1 err | source |", "|---|---|---|---|---|"]
+    for run in sorted(runs, key=lambda r: (r.key[6], r.key[3], -r.key[4], -r.key[5], r.seed)):
+        sources = sorted({str(e.get("source", "unrecorded")) for e in run.epochs}) or ["-"]
+        err = f"{run.final_err:.2f}" if run.finished else "unfinished"
+        lines.append(f"| {run.path.name} | {run.seed} | {len(run.epochs)}/{run.schedule_epochs} | {err} | {', '.join(sources)} |")
+    return "\n".join(lines) + "\n"
+
+
 def to_csv(rows: list[Row]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)

@@ -1,0 +1,58 @@
+"""`make repro`'s plan (scripts/repro.py): what it runs, in which order, what counts as done, and third seeds."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("repro", ROOT / "scripts" / "repro.py")
+repro = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(repro)
+
+
+def test_plan_is_the_papers_figure_then_real_batch_then_ablations_seed_major():
+    runs = repro.planned_runs(list(repro.PARTS), [0, 1])
+    assert len(runs) == 2 * (15 + 2 + 7) + 1  # figure 3 norms x 5 b, real b=2, ablations; GN once
+    figure = [r for r in runs if r[0] in ("norm=bn", "norm=brn", "norm=mabn") and r[1].startswith("norm.norm_batch")
+              and len(r) == 3]
+    assert {(r[0], r[1]) for r in figure} == {(f"norm={n}", f"norm.norm_batch={b}") for n in ("bn", "brn", "mabn")
+                                             for b in (32, 16, 8, 4, 2)}
+    assert runs.index(["norm=gn", "seed=0"]) < runs.index(["norm=mabn", "norm.norm_batch=32", "seed=1"])
+    assert all(r[-1] == "seed=0" for r in runs[:len(runs) // 2])  # every seed-0 run before any seed-1 run
+    assert ["norm=mabn", "norm.norm_batch=2", "ablation=warmup100", "seed=1"] in runs
+
+
+def _finished(run_dir, err):
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("")
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"epoch": 8, "val_top1_err": err}) + "\n"
+                                            + json.dumps({"event": "finished"}) + "\n")
+
+
+def test_archived_runs_count_as_done_and_a_spread_over_2_points_plans_a_third_seed(tmp_path):
+    plan = repro.Plan("imagenette_cpu", str(tmp_path / "out"), [], tmp_path / "archive")
+    bn32 = ["norm=bn", "norm.norm_batch=32"]
+    for seed, err in ((0, 27.0), (1, 30.5)):
+        run_dir = plan.run_dir([*bn32, f"seed={seed}"])
+        assert run_dir.name == f"imagenette64-resnet18_cpu-bn-b32-n32-s{seed}"
+        _finished(plan.archived(run_dir), err)
+    assert plan.finished([*bn32, "seed=0"]) and not plan.finished(["norm=mabn", "norm.norm_batch=32", "seed=0"])
+    mabn2 = ["norm=mabn", "norm.norm_batch=2"]
+    for seed, err in ((0, 29.0), (1, 30.5)):  # 1.5 apart: no third seed
+        _finished(plan.run_dir([*mabn2, f"seed={seed}"]), err)
+    assert repro.third_seeds(plan, ["figure"], [0, 1], 2.0) == [[*bn32, "seed=2"]]
+
+
+def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path):
+    out = subprocess.run([sys.executable, "scripts/repro.py", "--list", "--only", "real_b2", "--seeds", "3",
+                          "--output-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "2 planned runs, 0 finished" in out.stdout and "todo  imagenette64-resnet18_cpu-mabn-b2-n2-s3" in out.stdout
+    for args, message in ((["--only", "figures"], "--only='figures' is not valid"), (["--seeds", "a"], "--seeds='a' is not valid"),
+                          (["--experiment", "nope"], "--experiment='nope' is not valid")):
+        bad = subprocess.run([sys.executable, "scripts/repro.py", "--list", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
