@@ -18,8 +18,22 @@ def test_factory_builds_every_norm_by_name(name):
 
 
 def test_factory_rejects_unknown_names():
-    with pytest.raises(ValueError, match="unknown norm 'bnx'; valid: bn, brn, gn, mabn, syncbn"):
+    with pytest.raises(ValueError, match="unknown norm 'bnx'; valid: bn, brn, gn, in, ln, mabn, syncbn"):
         build_norm("bnx", 8)
+
+
+@pytest.mark.parametrize("name, reference", [("ln", lambda c: nn.GroupNorm(1, c)), ("in", lambda c: nn.InstanceNorm2d(c, affine=True))])
+def test_ln_and_in_are_the_group_norm_special_cases(name, reference):
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, dtype=torch.float64, requires_grad=True)
+    ours, ref = build_norm(name, 6).double().train(), reference(6).double().train()
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5), ours.bias.uniform_(-1, 1)
+        ref.weight.copy_(ours.weight), ref.bias.copy_(ours.bias)
+    y, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    dy = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(y_ref, x, dy)[0], rtol=1e-10, atol=1e-10)
 
 
 def test_resnet50_bn_parameter_count():

@@ -8,7 +8,7 @@ from ._groups import layer_label
 from .batchnorm import GhostBatchNorm2d
 from .batchrenorm import BatchRenorm2d
 from .cenconv import CenConv2d, effective_conv_weight
-from .groupnorm import GroupNorm2d
+from .groupnorm import GroupNorm2d, InstanceNorm2d, LayerNorm2d
 from .mabn import MABN2d, MABNFunction
 from .syncbn import SyncBatchNorm2d
 
@@ -16,6 +16,8 @@ NORMS: dict[str, type[nn.Module]] = {
     "bn": GhostBatchNorm2d,
     "syncbn": SyncBatchNorm2d,
     "gn": GroupNorm2d,
+    "ln": LayerNorm2d,
+    "in": InstanceNorm2d,
     "brn": BatchRenorm2d,
     "mabn": MABN2d,
 }
@@ -59,6 +61,8 @@ __all__ = [
     "CenConv2d",
     "GhostBatchNorm2d",
     "GroupNorm2d",
+    "InstanceNorm2d",
+    "LayerNorm2d",
     "MABN2d",
     "MABNFunction",
     "SyncBatchNorm2d",

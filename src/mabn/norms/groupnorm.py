@@ -22,3 +22,18 @@ class GroupNorm2d(nn.GroupNorm):
             )
         super().__init__(groups, num_features, eps=eps)
         self.num_features = num_features
+
+
+class LayerNorm2d(GroupNorm2d):
+    """Layer normalization over (C, H, W) per sample: GN with one group (the paper's throughput table's LN)."""
+
+    def __init__(self, num_features: int, norm_batch: int | None = None, eps: float = 1e-5):
+        super().__init__(num_features, norm_batch, num_groups=1, eps=eps)
+
+
+class InstanceNorm2d(GroupNorm2d):
+    """Instance normalization over (H, W) per sample and channel, with affine parameters: GN with one channel per
+    group (the paper's throughput table's IN)."""
+
+    def __init__(self, num_features: int, norm_batch: int | None = None, eps: float = 1e-5):
+        super().__init__(num_features, norm_batch, num_groups=num_features, eps=eps)
