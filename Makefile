@@ -37,7 +37,7 @@ LAUNCH := $(LAUNCHER) --gpus $(GPUS) --
 endif
 
 
-.PHONY: help install train sweep table plot repro repro-report test test-slow bench tensorboard data clean-venv
+.PHONY: help install train sweep table plot repro repro-report test test-slow bench gpu-check gpu-wheels tensorboard data clean-venv
 
 help:
 	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
@@ -45,6 +45,7 @@ help:
 	@echo "make table | make plot     results.md/.csv and the error-vs-batch plot of every run under outputs/"
 	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,third]   the paper's comparison on Imagenette"
 	@echo "make test | make test-slow | make bench | make tensorboard"
+	@echo "make gpu-check [GPU_CHECK_OUT=dir] [ARGS=--dry-run]   the CUDA path's correctness and speed in one report (make gpu-wheels first)"
 
 install: $(INSTALLED)
 
@@ -93,6 +94,21 @@ REPORT_ROOT ?= $(if $(REPRO_ARCHIVE),$(REPRO_ARCHIVE),$(OUTPUTS))/$(REPRO_EXP)
 repro-report: $(INSTALLED)
 	$(PY) scripts/results_table.py $(REPORT_ROOT)
 	$(PY) scripts/plot_results.py error-vs-batch $(REPORT_ROOT) --paper --out $(REPORT_ROOT)/error_vs_batch.png
+
+# GPU check (scripts/gpu_check.py): runs on a GPU machine's own torch, without .venv; the few pure-Python wheels it
+# lacks there (hydra-core, omegaconf, antlr4) come from .gpu-wheels/ (`make gpu-wheels`, here) into a temporary target.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_OUT ?= outputs/gpu_check
+GPU_DEPS ?= /tmp/mabn-gpu-deps
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+gpu-check:
+	@if [ -d .gpu-wheels ] && ! $(GPU_PY) -c "import hydra, omegaconf" 2>/dev/null; then \
+	    $(GPU_PY) -m pip install --quiet --no-index --no-deps --target $(GPU_DEPS) .gpu-wheels/*.whl; fi
+	PYTHONPATH=src:$(GPU_DEPS) $(GPU_PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
+
+gpu-wheels: $(INSTALLED)
+	$(PY) -m pip wheel --quiet --no-deps -w .gpu-wheels $(GPU_WHEELS)
+	@ls .gpu-wheels
 
 bench: $(INSTALLED)
 	$(PY) -m scripts.bench.run_all --out $(OUTPUTS)/bench $(BENCH_ARGS)

@@ -1,0 +1,425 @@
+#!/usr/bin/env python
+"""`make gpu-check`: everything the CUDA path must show, in one command, on one GPU, in under 8 minutes.
+
+  make gpu-check GPU_CHECK_OUT=$OUT          # on the GPU machine (see README "GPU check")
+  python scripts/gpu_check.py --out DIR --dry-run   # the same code on CPU at toy sizes (what the test runs)
+
+Writes DIR/gpu_check.md and DIR/gpu_check.json and prints the summary table last. Each section runs
+on its own: a failure is reported with its traceback and the next section still runs.
+
+Sections: environment; correctness (the float64 reference tests on the device, GN/LN/IN against
+torch, MABN under float16/bfloat16 autocast, folding ResNet-50, 30 steps of ResNet-50 with AMP +
+channels_last whose loss falls, and a save-at-15 / reload resume that repeats steps 16-30 bitwise);
+the device-to-host syncs left in a steady-state step; speed side by side (norm layers vs cuDNN BN,
+ResNet-50 training steps at N = 32 and 2 per norm, BN at batch 256 against NVIDIA's published
+A100 number, inference as the paper's throughput table, the input pipelines).
+"""
+import argparse
+import copy
+import datetime
+import io
+import json
+import logging
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # scripts.bench
+# torch.utils.benchmark's import logs "No CUDA runtime is found" on CPU machines: noise before our one-line answer
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from mabn.fold import fold_norms  # noqa: E402
+from mabn.models import build_model  # noqa: E402
+from mabn.norms import MABN2d, build_norm  # noqa: E402
+from scripts.bench import bench_norms  # noqa: E402
+from scripts.bench.common import compare, markdown_table  # noqa: E402
+
+NVIDIA_A100_RN50_AMP = 2470  # img/s, DeepLearningExamples ResNet-50 v1.5, A100 80GB, AMP, batch 256 (published)
+PAPER_INFERENCE = {"bn": 237.88, "mabn folded": 237.88, "gn": 99.37, "ln": 125.44, "in": 105.60}  # it/s, SPEC §5
+
+
+class Check:
+    """Collects sections (markdown), numbers (json) and summary rows (name, result, detail)."""
+
+    def __init__(self, device: str, dry: bool):
+        self.device, self.dry = device, dry
+        self.sections, self.numbers, self.summary = [], {}, []
+
+    def section(self, title: str, fn) -> None:
+        print(f"== {title}", file=sys.stderr, flush=True)
+        started = time.time()
+        try:
+            text = fn()
+            result = "ok"
+        except Exception as err:  # noqa: BLE001 - report everything in one go
+            text = f"```\n{traceback.format_exc()}```\n"
+            result = f"FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+        seconds = time.time() - started
+        self.sections.append(f"## {title}\n\n{text}\n({seconds:.0f} s)\n")
+        self.summary.append([title, result, f"{seconds:.0f} s"])
+
+    def sync(self) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+
+# -- environment ------------------------------------------------------------------------------------
+def environment(check: Check) -> str:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "device": check.device,
+            "cuda": torch.version.cuda, "dry_run": check.dry}
+    if check.device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, memory_gib=round(props.total_memory / 2**30, 1), sms=props.multi_processor_count,
+                    cudnn=torch.backends.cudnn.version())
+    for module in ("hydra", "omegaconf", "nvidia.dali", "torchvision"):
+        try:
+            imported = __import__(module, fromlist=["__version__"])
+            info[module] = getattr(imported, "__version__", "importable")
+        except ImportError:
+            info[module] = "missing"
+    check.numbers["environment"] = info
+    return markdown_table(["", ""], [[k, str(v)] for k, v in info.items()])
+
+
+# -- correctness ------------------------------------------------------------------------------------
+def reference_tests(check: Check) -> str:
+    """The float64 reference tests of every batch-statistics norm, on this device (their `device` fixture)."""
+    selection = "cuda" if check.device.startswith("cuda") else "cpu and eval"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_norms_mabn.py",
+           "tests/test_norms_bn_brn.py", "-k", selection]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    tail = "\n".join(done.stdout.strip().splitlines()[-15:])
+    check.numbers["reference_tests"] = tail.splitlines()[-1] if tail else ""
+    if done.returncode != 0:
+        raise AssertionError(f"pytest -k {selection!r} failed:\n{tail}\n{done.stderr[-2000:]}")
+    return f"`{' '.join(cmd[1:])}`\n\n```\n{tail}\n```\n"
+
+
+def group_norms_match_torch(check: Check) -> str:
+    rows = []
+    x = torch.randn(4, 64, 9, 9, dtype=torch.float64, device=check.device, requires_grad=True)
+    dy = torch.randn_like(x)
+    references = {"gn": torch.nn.GroupNorm(32, 64), "ln": torch.nn.GroupNorm(1, 64), "in": torch.nn.GroupNorm(64, 64)}
+    for name, ref in references.items():
+        ours = build_norm(name, 64).double().to(check.device)
+        ref = ref.double().to(check.device)
+        y, y_ref = ours(x), ref(x)
+        g, g_ref = torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(y_ref, x, dy)[0]
+        err = max((y - y_ref).abs().max().item(), (g - g_ref).abs().max().item())
+        assert err < 1e-10, f"{name}: {err}"
+        rows.append([name, f"{err:.1e}"])
+    return markdown_table(["norm", "max abs diff vs torch (float64, y and dx)"], rows)
+
+
+def mabn_autocast(check: Check) -> str:
+    """MABN fed float16/bfloat16 under autocast: statistics in float32, output close to the float32 layer's."""
+    dtypes = [torch.float16, torch.bfloat16] if check.device.startswith("cuda") else [torch.bfloat16]
+    rows = []
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        layer = MABN2d(64, norm_batch=2, window=4, warmup=3, renorm_start=5).to(check.device)
+        ref = copy.deepcopy(layer)
+        for step in range(8):
+            x = (torch.randn(8, 64, 14, 14, device=check.device) * 300).requires_grad_()  # x^2 overflows float16
+            with torch.autocast(check.device.split(":")[0], dtype=dtype):
+                y = layer(x.to(dtype))
+            y_ref = ref(x.detach().clone())
+            assert y.dtype == dtype and torch.isfinite(y).all(), f"{dtype} step {step}: non-finite output"
+            y.float().sum().backward()
+        assert layer.running_var.dtype == torch.float32 and torch.isfinite(layer.running_var).all()
+        rel = ((y.float() - y_ref).abs().max() / y_ref.abs().max()).item()
+        var_rel = ((layer.running_var - ref.running_var).abs().max() / ref.running_var.abs().max()).item()
+        assert rel < 2e-2 and var_rel < 1e-2, f"{dtype}: output rel err {rel}, running_var rel err {var_rel}"
+        rows.append([str(dtype), f"{rel:.1e}", f"{var_rel:.1e}"])
+    return markdown_table(["input dtype (autocast)", "output rel. err vs float32", "running_var rel. err"], rows)
+
+
+def resnet_shape(check: Check) -> dict:
+    if check.dry:
+        return dict(arch="resnet18", width=8, stem="small", resolution=32, batch=8)
+    return dict(arch="resnet50", width=64, stem="imagenet", resolution=224, batch=32)
+
+
+def folding(check: Check) -> str:
+    shape = resnet_shape(check)
+    rows = []
+    for norm in ("bn", "brn", "mabn"):
+        torch.manual_seed(0)
+        net = build_model(shape["arch"], norm=norm, num_classes=1000, width=shape["width"], stem=shape["stem"]).to(check.device)
+        net.train()
+        with torch.no_grad():
+            for _ in range(3):  # move the running statistics off their initial values
+                net(torch.randn(shape["batch"], 3, shape["resolution"], shape["resolution"], device=check.device))
+        net.eval()
+        x = torch.randn(4, 3, shape["resolution"], shape["resolution"], device=check.device)
+        with torch.no_grad():
+            y, y_folded = net(x), fold_norms(net)(x)
+        err = ((y - y_folded).abs().max() / y.abs().max()).item()
+        assert err < 1e-4, f"{norm}: folded differs by {err} (relative)"
+        rows.append([norm, f"{err:.1e}"])
+    return markdown_table(["norm", f"{shape['arch']} fold vs unfolded eval, max rel. diff"], rows)
+
+
+def training_and_resume(check: Check) -> str:
+    """30 steps of MABN ResNet-50 at N = 32 with AMP + channels_last on one fixed batch (loss must fall), then
+    the state at step 15 reloaded into a fresh model repeats steps 16-30 bitwise (deterministic mode)."""
+    shape, cuda = resnet_shape(check), check.device.startswith("cuda")
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape["batch"], 3, shape["resolution"], shape["resolution"], generator=gen).to(check.device)
+    x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (shape["batch"],), generator=gen).to(check.device)
+
+    def build():
+        torch.manual_seed(0)
+        net = build_model(shape["arch"], norm="mabn", num_classes=1000, width=shape["width"], stem=shape["stem"],
+                          norm_batch=2, window=4, warmup=10, renorm_start=20)
+        net = net.to(check.device).to(memory_format=torch.channels_last).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+        return net, opt, torch.amp.GradScaler("cuda", enabled=cuda)
+
+    def step(net, opt, scaler):
+        with torch.autocast(check.device.split(":")[0], dtype=amp_dtype):
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss.detach()
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            net, opt, scaler = build()
+            losses, saved = [], None
+            for k in range(30):
+                losses.append(step(net, opt, scaler))
+                if k == 14:
+                    buffer = io.BytesIO()
+                    torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "scaler": scaler.state_dict()}, buffer)
+                    saved = buffer.getvalue()
+            losses = [v.item() for v in losses]
+            net2, opt2, scaler2 = build()
+            state = torch.load(io.BytesIO(saved), weights_only=True)
+            net2.load_state_dict(state["net"])
+            opt2.load_state_dict(state["opt"])
+            scaler2.load_state_dict(state["scaler"])
+            resumed = [step(net2, opt2, scaler2).item() for _ in range(15, 30)]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    nondeterministic = sorted({str(w.message).splitlines()[0][:120] for w in caught if "deterministic" in str(w.message)})
+    assert all(map(lambda v: v == v and abs(v) != float("inf"), losses)), f"non-finite loss: {losses}"
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first, f"loss did not fall: first 5 mean {first:.3f}, last 5 mean {last:.3f}"
+    same = resumed == losses[15:]
+    check.numbers["training"] = dict(losses=losses, resumed=resumed, bitwise_resume=same)
+    assert same, f"resume differs: straight {losses[15:20]} vs resumed {resumed[:5]}"
+    text = (f"{shape['arch']} MABN (b = 2 in N = {shape['batch']}, window 4, warmup 10, r from 20), AMP {amp_dtype}, "
+            f"channels_last, one fixed batch: loss {losses[0]:.3f} -> {losses[-1]:.3f} (first/last 5 mean "
+            f"{first:.3f} / {last:.3f}); resume from step 15 repeats steps 16-30 bitwise: {same}.\n")
+    if nondeterministic:
+        text += "\nOps without a deterministic implementation (warned):\n" + "".join(f"- {m}\n" for m in nondeterministic)
+    return text
+
+
+# -- syncs ------------------------------------------------------------------------------------------
+def host_syncs(check: Check) -> str:
+    """Device-to-host syncs of one steady-state training step (forward, backward, SGD step) per norm."""
+    if not check.device.startswith("cuda"):
+        return "No CUDA device: `torch.cuda.set_sync_debug_mode` only reports on CUDA.\n"
+    shape = resnet_shape(check)
+    x = torch.randn(shape["batch"], 3, shape["resolution"], shape["resolution"], device=check.device)
+    y = torch.randint(0, 1000, (shape["batch"],), device=check.device)
+    rows = []
+    for norm, kwargs in (("bn", {}), ("brn", {"norm_batch": 2}), ("mabn", {"norm_batch": 2, "warmup": 2, "window": 2})):
+        torch.manual_seed(0)
+        net = build_model(shape["arch"], norm=norm, num_classes=1000, **kwargs).to(check.device).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        for _ in range(4):  # past MABN's warmup, host counters cached
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                opt.zero_grad()
+                F.cross_entropy(net(x), y).backward()
+                opt.step()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        places = sorted({f"{pathlib.Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
+        rows.append([norm, str(len([w for w in caught if "synchroniz" in str(w.message)])), ", ".join(places) or "-"])
+    check.numbers["syncs"] = {r[0]: int(r[1]) for r in rows}
+    return markdown_table(["norm", "syncs in one step", "where"], rows)
+
+
+# -- speed ------------------------------------------------------------------------------------------
+def norm_speed(check: Check) -> str:
+    text, numbers = bench_norms.run(check.device, quick=check.dry, compiled=not check.dry)
+    check.numbers["norm_layers"] = numbers
+    return text
+
+
+def step_speed(check: Check) -> str:
+    shape, cuda = resnet_shape(check), check.device.startswith("cuda")
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
+    rows = []
+    variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn"),
+                "mabn compiled kernels": dict(norm="mabn", kernel="compiled")}
+    if check.dry:
+        variants.pop("mabn compiled kernels")
+    for batch in ((8, 2) if check.dry else (32, 2)):
+        x = torch.randn(batch, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (batch,), device=check.device)
+        fns = {}
+        for name, kwargs in variants.items():
+            torch.manual_seed(0)
+            net = build_model(shape["arch"], num_classes=1000, width=shape["width"], stem=shape["stem"], **kwargs)
+            net = net.to(check.device).to(memory_format=torch.channels_last).train()
+            opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+            scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+
+            def fn(net=net, opt=opt, scaler=scaler, x=x, y=y):
+                with torch.autocast(check.device.split(":")[0], dtype=amp_dtype):
+                    loss = F.cross_entropy(net(x), y)
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+
+            fns[name] = fn
+        times = compare(fns, check.device, rounds=2 if check.dry else 3, min_run_time=0.2 if check.dry else 1.0)
+        for name, t in times.items():
+            rows.append([str(batch), name, f"{batch / t:.1f}", f"{t / times['bn']:.2f}"])
+            check.numbers[f"step_{name.replace(' ', '_')}_n{batch}_over_bn"] = t / times["bn"]
+    text = (f"{shape['arch']} at {shape['resolution']} px, AMP ({amp_dtype}) + channels_last, forward + backward + SGD step "
+            f"(targets MABN / BN <= 1.10 at N = 32, <= 1.25 at N = 2):\n\n")
+    return text + markdown_table(["N", "norm", "images/s", "time / BN"], rows)
+
+
+def bn_throughput(check: Check) -> str:
+    shape, cuda = resnet_shape(check), check.device.startswith("cuda")
+    batch = 16 if check.dry else 256
+    torch.backends.cudnn.benchmark = True
+    net = build_model(shape["arch"], norm="bn", num_classes=1000, width=shape["width"], stem=shape["stem"])
+    net = net.to(check.device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+    x = torch.randn(batch, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=check.device)
+
+    def fn():
+        with torch.autocast(check.device.split(":")[0], dtype=torch.float16 if cuda else torch.bfloat16):
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    t = compare({"bn": fn}, check.device, rounds=3, min_run_time=0.3 if check.dry else 2.0)["bn"]
+    rate = batch / t
+    check.numbers["bn_b256_img_per_s"] = rate
+    return (f"{shape['arch']} BN, batch {batch}, AMP + channels_last: **{rate:.0f} img/s** "
+            f"(NVIDIA DeepLearningExamples, A100 80GB, same model and batch, AMP: {NVIDIA_A100_RN50_AMP} img/s; "
+            f"ratio {rate / NVIDIA_A100_RN50_AMP:.2f}).\n")
+
+
+def inference_speed(check: Check) -> str:
+    shape = resnet_shape(check)
+    batch = 8 if check.dry else 64
+    x = torch.randn(batch, 3, shape["resolution"], shape["resolution"], device=check.device)
+    nets = {}
+    for norm in ("bn", "mabn", "gn", "ln", "in"):
+        torch.manual_seed(0)
+        nets[norm] = build_model(shape["arch"], norm=norm, num_classes=1000, width=shape["width"], stem=shape["stem"])
+        nets[norm] = nets[norm].to(check.device).eval()
+    nets["bn"] = fold_norms(nets["bn"])
+    nets["mabn folded"] = fold_norms(nets.pop("mabn"))
+    with torch.no_grad():
+        times = compare({k: (lambda net=net: net(x)) for k, net in nets.items()}, check.device, rounds=2 if check.dry else 3,
+                        min_run_time=0.2 if check.dry else 1.0)
+    rows = []
+    for name, t in times.items():
+        paper = PAPER_INFERENCE[name]
+        rows.append([name, f"{batch / t:.0f}", f"{times['bn'] / t:.2f}", f"{paper:.2f}", f"{paper / PAPER_INFERENCE['bn']:.2f}"])
+        check.numbers[f"infer_{name.replace(' ', '_')}_rel_bn"] = times["bn"] / t
+    text = f"{shape['arch']} eval at batch {batch}, {shape['resolution']} px, float32 (BN and MABN folded into the convs):\n\n"
+    return text + markdown_table(["model", "images/s", "speed / BN", "paper it/s", "paper speed / BN"], rows)
+
+
+def loader_speed(check: Check) -> str:
+    from scripts.bench import bench_loaders
+
+    text, numbers = bench_loaders.run(check.device, quick=check.dry)
+    check.numbers["loaders"] = numbers
+    return text
+
+
+SECTIONS = [
+    ("Environment", environment),
+    ("Correctness: float64 reference tests on the device", reference_tests),
+    ("Correctness: GN, LN, IN against torch", group_norms_match_torch),
+    ("Correctness: MABN under float16/bfloat16 autocast", mabn_autocast),
+    ("Correctness: folding", folding),
+    ("Correctness: 30 training steps, AMP + channels_last, bitwise resume", training_and_resume),
+    ("Device-to-host syncs in one training step", host_syncs),
+    ("Speed: norm layers, training forward + backward", norm_speed),
+    ("Speed: ResNet-50 training step per norm", step_speed),
+    ("Speed: BN at batch 256 against NVIDIA's published number", bn_throughput),
+    ("Speed: inference, the paper's throughput table", inference_speed),
+    ("Speed: input pipelines", loader_speed),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
+    parser.add_argument("--dry-run", action="store_true", help="run everything on CPU at toy sizes")
+    parser.add_argument("--only", help="comma-separated section numbers (1-based) to run")
+    args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: no CUDA device is visible; `python scripts/gpu_check.py --dry-run --out DIR` runs the same code on CPU",
+              file=sys.stderr)
+        return 2
+    only = None
+    if args.only:
+        try:
+            only = {int(k) for k in args.only.split(",")}
+        except ValueError:
+            only = set()
+        if not only or not only <= set(range(1, len(SECTIONS) + 1)):
+            print(f"error: --only={args.only!r} is not valid; valid: comma-separated numbers 1-{len(SECTIONS)}", file=sys.stderr)
+            return 2
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run)
+    started = time.time()
+    for index, (title, fn) in enumerate(SECTIONS, 1):
+        if only is None or index in only:
+            check.section(title, lambda fn=fn: fn(check))
+    summary = markdown_table(["section", "result", "time"], check.summary)
+    source = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = (f"# GPU check\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {check.numbers.get('environment', {}).get('gpu', check.device)}, "
+            f"torch {torch.__version__}, commit {source or 'unknown'}, {time.time() - started:.0f} s"
+            f"{' (dry run on CPU, toy sizes)' if check.dry else ''}.\n\n{summary}\n")
+    (out / "gpu_check.md").write_text(head + "\n".join(check.sections))
+    (out / "gpu_check.json").write_text(json.dumps({"summary": check.summary, **check.numbers}, indent=1, default=str))
+    print("\n".join(check.sections))
+    print(summary)
+    return 0 if all(row[1] == "ok" for row in check.summary) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
