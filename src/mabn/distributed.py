@@ -68,12 +68,6 @@ def running_stat_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: buf for name, buf in model.named_buffers() if name.rpartition(".")[2].startswith("running_")}
 
 
-def all_reduce_max(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    if info.enabled:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX)
-    return values
-
-
 def rank_averaged_running_stats(model: torch.nn.Module, info: DistInfo) -> dict[str, torch.Tensor]:
     """Copies of the running statistics averaged over ranks (a collective: every rank must call it)."""
     averaged = {}

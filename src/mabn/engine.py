@@ -14,7 +14,6 @@ from .data import DatasetError
 from .distributed import (
     DistInfo,
     RankAveragedRunningStats,
-    all_reduce_max,
     all_reduce_sum,
 )
 
@@ -68,6 +67,45 @@ class StopSignal:
             signal.raise_signal(self.received)
 
 
+class LatestLoss:
+    """The newest loss value on the host without a device sync: each loss is copied non-blocking into pinned
+    memory once the previous copy has landed, and read from there (for the progress bar and TensorBoard,
+    which can show a value a step or two old on a GPU). On CPU the value is read directly: no sync exists."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
+        self.host = torch.zeros((), pin_memory=self.cuda)
+        self.event, self.value = None, math.nan
+
+    def push(self, loss: torch.Tensor) -> None:
+        if not self.cuda:
+            self.value = loss.item()
+            return
+        if self.event is not None and not self.event.query():
+            return  # the previous copy is still in flight: skip this one rather than wait
+        self.read()
+        self.host.copy_(loss.detach(), non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def read(self) -> float:
+        if self.cuda and self.event is not None and self.event.query():
+            self.value = self.host.item()  # a pinned host tensor: no device sync
+        return self.value
+
+
+def agree(finite: torch.Tensor, stop: bool, due: bool, info: DistInfo) -> tuple[int, bool, bool]:
+    """(ranks whose loss is finite, stop, checkpoint due) agreed by every rank, in one collective and one host sync.
+
+    A non-finite loss must be known before backward (MABN's backward would write NaN into its Psi ring), so each
+    micro-batch pays this one sync; the stop/checkpoint flags ride along instead of costing a second one."""
+    if not info.enabled:
+        return int(bool(finite)), stop, due
+    values = all_reduce_sum(torch.stack([finite.float(), finite.new_tensor(float(stop)), finite.new_tensor(float(due))]), info)
+    n_finite, n_stop, n_due = values.tolist()
+    return int(n_finite), n_stop > 0, n_due > 0
+
+
 def autocast(device: str, enabled: bool):
     if not enabled:
         return contextlib.nullcontext()
@@ -79,6 +117,12 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
     """Train from `progress.batch` to the end of `progress.epoch`; checkpoint on schedule and on a stop signal.
 
     Returns the epoch's mean loss, throughput and counters; `stopped=True` if a signal cut it short.
+
+    Device-to-host syncs per micro-batch: one (`agree`: the loss must be known finite before backward;
+    the stop/checkpoint flags share its collective). Per optimizer step with float16 AMP: GradScaler's
+    inf check (it decides whether to step). Occasionally: batch-statistics recording (loss scale), a
+    checkpoint. The progress bar and TensorBoard read the loss through `LatestLoss` (no sync); MABN
+    reads its counters on the host (`read_counter`); the epoch's mean loss syncs once at the end.
     """
     cfg, info, model = job.cfg, job.info, job.model
     accum = cfg.train.grad_accum
@@ -92,6 +136,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
     loss_sum, loss_count, images, skipped_images, data_time = torch.zeros((), device=info.device), 0, 0, 0, 0.0
     window_bad, started = False, time.perf_counter()
     last_ckpt_time, tick = time.monotonic(), time.perf_counter()
+    latest = LatestLoss(info.device)
     for images_cpu, labels, skipped in job.loaders.train:
         if progress.batch >= job.loaders.train_batches:
             break
@@ -114,13 +159,17 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
         with sync_ctx:
             with autocast(info.device, cfg.train.amp):
                 loss = F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing)
-            finite = torch.isfinite(loss.detach()).to(torch.float32)
-            if not bool(all_reduce_sum(finite, info) == info.world_size):
+            # Ranks agree on stopping and checkpointing (a signal or a clock may reach them at different steps).
+            due = last_micro and bool(cfg.train.checkpoint_minutes) and \
+                time.monotonic() - last_ckpt_time > 60 * cfg.train.checkpoint_minutes
+            n_finite, stopping, due = agree(torch.isfinite(loss.detach()), last_micro and stop.received is not None, due, info)
+            if n_finite != info.world_size:
                 window_bad = _handle_nonfinite(job, progress, loss)
             else:
                 job.scaler.scale(loss / accum).backward()
                 loss_sum += loss.detach()
                 loss_count += 1
+                latest.push(loss)
         if recording:
             job.batch_stats.flush(progress.step)
         images += x.shape[0]
@@ -136,11 +185,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
             window_bad = False
             progress.step += 1
             if info.is_main and progress.step % cfg.train.log_every == 0:
-                job.log_train_scalars(progress.step, loss.detach(), images, time.perf_counter() - started)
-            due = bool(cfg.train.checkpoint_minutes) and time.monotonic() - last_ckpt_time > 60 * cfg.train.checkpoint_minutes
-            # Ranks agree on stopping and checkpointing (a signal or a clock may reach them at different steps).
-            flags = all_reduce_max(torch.tensor([stop.received is not None, due], dtype=torch.float32, device=info.device), info)
-            stopping, due = bool(flags[0]), bool(flags[1])
+                job.log_train_scalars(progress.step, latest.read(), images, time.perf_counter() - started)
             every = cfg.train.checkpoint_every_steps
             if stopping or due or (every and progress.step % every == 0):
                 job.save_checkpoint(progress)
@@ -150,7 +195,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
                     return dict(stopped=True)
         bar.update(1)
         if info.is_main and cfg.train.progress and progress.batch % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{job.optimizer.param_groups[0]['lr']:.4f}")
+            bar.set_postfix(loss=f"{latest.read():.3f}", lr=f"{job.optimizer.param_groups[0]['lr']:.4f}")
         if cfg.train.max_batches_per_epoch and progress.batch >= cfg.train.max_batches_per_epoch:
             break
         tick = time.perf_counter()

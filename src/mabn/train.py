@@ -133,8 +133,9 @@ class Job:
     def set_lr(self, step: int) -> None:
         set_lr(self.optimizer, self.schedule(step))
 
-    def log_train_scalars(self, step: int, loss: torch.Tensor, images: int, seconds: float) -> None:
-        self.writer.add_scalar("train/loss", loss.item(), step)
+    def log_train_scalars(self, step: int, loss: float, images: int, seconds: float) -> None:
+        """`loss`: the newest loss on the host (engine.LatestLoss: on a GPU possibly a step or two old, never a sync)."""
+        self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
         self.writer.add_scalar("train/images_per_sec", images * self.info.world_size / max(seconds, 1e-9), step)
 
