@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from mabn.data import build_loaders
-from mabn.data.folder import SeededImageFolder, collate_skipping_unreadable
+from mabn.data.folder import SeededImageFolder, class_names, collate_skipping_unreadable
+from mabn.data.index import FileIndex, load_index
 from mabn.data.transforms import Augmentation, torchvision_transform
 
 from .conftest import ROOT
@@ -87,6 +88,38 @@ def test_lighting_noise_changes_colours_but_not_shapes(tiny_shapes):
         assert x.shape == (8, 3, 24, 24) and torch.isfinite(x).all()
 
 
+def _index(split_dir):
+    return FileIndex.scan(split_dir, class_names(split_dir))
+
+
+def test_file_index_lists_what_imagefolder_lists_in_arrays_and_is_cached_until_the_folder_changes(tiny_shapes, tmp_path,
+                                                                                                  monkeypatch):
+    import shutil
+
+    import numpy as np
+    from torchvision.datasets import ImageFolder
+
+    shutil.copytree(tiny_shapes / "train", tmp_path / "train")
+    split = tmp_path / "train"
+    classes = class_names(split)
+    index = load_index(split, classes, cache_dir=tmp_path / "cache")
+    assert [index[i] for i in range(len(index))] == [(p, label) for p, label in ImageFolder(split).samples]
+    assert isinstance(index.blob, np.ndarray) and isinstance(index.labels, np.ndarray)  # no per-file Python objects
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+
+    def no_walk(*args, **kwargs):
+        raise AssertionError("the cached index was not used")
+
+    monkeypatch.setattr("mabn.data.index.os.walk", no_walk)
+    again = load_index(split, classes, cache_dir=tmp_path / "cache")  # another rank, a later run
+    assert len(again) == len(index) and again[3] == index[3]
+    monkeypatch.undo()
+    shutil.copy(split / classes[0] / sorted(p.name for p in (split / classes[0]).iterdir())[0], split / classes[0] / "zz_new.JPEG")
+    grown = load_index(split, classes, cache_dir=tmp_path / "cache")
+    assert len(grown) == len(index) + 1 and any(grown.path(i).endswith("zz_new.JPEG") for i in range(len(grown)))
+    assert [grown[i] for i in range(len(grown))] == [(p, label) for p, label in ImageFolder(split).samples]
+
+
 def test_unreadable_train_image_is_replaced_and_counted(tiny_shapes, tmp_path):
     import shutil
 
@@ -94,8 +127,9 @@ def test_unreadable_train_image_is_replaced_and_counted(tiny_shapes, tmp_path):
     victim = sorted((tmp_path / "train").rglob("*.JPEG"))[0]
     victim.write_bytes(b"\xff\xd8 truncated")
     aug = Augmentation(crop_size=16, val_resize=16)
-    train = SeededImageFolder(tmp_path / "train", torchvision_transform(aug, True), substitute_unreadable=True)
-    val = SeededImageFolder(tmp_path / "train", torchvision_transform(aug, False), substitute_unreadable=False)
+    index = _index(tmp_path / "train")
+    train = SeededImageFolder(index, torchvision_transform(aug, True), substitute_unreadable=True)
+    val = SeededImageFolder(index, torchvision_transform(aug, False), substitute_unreadable=False)
     images, labels, skipped = collate_skipping_unreadable([train[(0, 1)], train[(1, 2)]])
     assert images.shape[0] == 2 and skipped == 1
     images, labels, skipped = collate_skipping_unreadable([val[(0, 0)], val[(1, 0)]])
@@ -104,7 +138,7 @@ def test_unreadable_train_image_is_replaced_and_counted(tiny_shapes, tmp_path):
 
 def test_same_seed_same_augmentation_whatever_the_worker(tiny_shapes):
     aug = Augmentation(crop_size=16, val_resize=16)
-    ds = SeededImageFolder(tiny_shapes / "train", torchvision_transform(aug, True), substitute_unreadable=True)
+    ds = SeededImageFolder(_index(tiny_shapes / "train"), torchvision_transform(aug, True), substitute_unreadable=True)
     torch.manual_seed(123)
     a = ds[(5, 777)][0]
     torch.rand(10)  # global RNG state must not matter

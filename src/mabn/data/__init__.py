@@ -20,6 +20,7 @@ from .folder import (
     check_layout,
     collate_skipping_unreadable,
 )
+from .index import load_index
 from .prepare import resize_tree
 from .samplers import EvalSampler, TrainSampler
 from .transforms import INPUT_FORMATS, Augmentation, torchvision_transform
@@ -69,9 +70,10 @@ def build_loaders(data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0, d
 
 
 def build_torchvision_loaders(root, classes, aug, data_cfg, rank, world_size, seed, device) -> Loaders:
-    train_set = SeededImageFolder(root / "train", torchvision_transform(aug, train=True), substitute_unreadable=True)
-    val_set = SeededImageFolder(root / "val", torchvision_transform(aug, train=False), substitute_unreadable=False)
-    assert train_set.classes == classes == val_set.classes
+    train_set = SeededImageFolder(load_index(root / "train", classes), torchvision_transform(aug, train=True),
+                                  substitute_unreadable=True)
+    val_set = SeededImageFolder(load_index(root / "val", classes), torchvision_transform(aug, train=False),
+                                substitute_unreadable=False)
     train_sampler = TrainSampler(train_set, rank, world_size, seed)
     common = dict(
         num_workers=data_cfg.workers,

@@ -43,7 +43,7 @@ class EncodedBatches:
     first epoch DALI runs is `first_epoch` of the run, starting at `start_batch` (resume).
     """
 
-    def __init__(self, samples: list[tuple[str, int]], sampler, batch_size: int, drop_last: bool):
+    def __init__(self, samples, sampler, batch_size: int, drop_last: bool):  # samples[i] -> (path, label): a FileIndex
         self.samples, self.sampler, self.batch_size, self.drop_last = samples, sampler, batch_size, drop_last
         self.first_epoch, self.start_batch, self._orders = 0, 0, {}
 
@@ -130,21 +130,19 @@ class DaliLoader:
 
 
 def build_dali_loaders(root, classes, aug, data_cfg, rank, world_size, seed, device):
-    from torchvision.datasets import ImageFolder
-
     from . import Loaders
+    from .index import load_index
 
-    train_set, val_set = ImageFolder(root / "train"), ImageFolder(root / "val")
-    assert train_set.classes == classes == val_set.classes
+    train_set, val_set = load_index(root / "train", classes), load_index(root / "val", classes)
     device_id = int(device.split(":")[1]) if device.startswith("cuda") else None
     if device_id is None and torch.cuda.is_available():
         log.warning("data.loader=dali on a CPU run: decoding on the CPU")
     batch = data_cfg.batch_per_gpu
     threads = max(1, data_cfg.workers)
     train_sampler = TrainSampler(train_set, rank, world_size, seed)
-    train_source = EncodedBatches(train_set.samples, train_sampler, batch, drop_last=True)
+    train_source = EncodedBatches(train_set, train_sampler, batch, drop_last=True)
     val_batch = data_cfg.val_batch_per_gpu or batch
-    val_source = EncodedBatches(val_set.samples, EvalSampler(val_set, rank, world_size), val_batch, drop_last=False)
+    val_source = EncodedBatches(val_set, EvalSampler(val_set, rank, world_size), val_batch, drop_last=False)
     train = DaliLoader(_pipeline(train_source, aug, True, batch, threads, device_id, seed + rank))
     val = DaliLoader(_pipeline(val_source, aug, False, val_batch, threads, device_id, seed))
     train_batches = len(train_sampler.shards) // batch

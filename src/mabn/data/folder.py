@@ -4,7 +4,6 @@ import pathlib
 
 import torch
 from PIL import Image
-from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 log = logging.getLogger(__name__)
@@ -46,9 +45,10 @@ def check_layout(root: str | pathlib.Path) -> list[str]:
     return classes["train"]
 
 
-class SeededImageFolder(ImageFolder):
-    """ImageFolder whose items are fetched as `(index, seed)`: the augmentation of a sample is seeded by
-    its own seed, so it does not depend on worker count, batch position or where a run resumed.
+class SeededImageFolder(torch.utils.data.Dataset):
+    """An ImageNet-layout split (the files of `index`, a `FileIndex`) whose items are fetched as `(index, seed)`:
+    the augmentation of a sample is seeded by its own seed, so it does not depend on worker count, batch
+    position or where a run resumed.
 
     Items are `(image, label, unreadable)`, `unreadable` counting the files that could not be decoded.
     With `substitute_unreadable` (training) an unreadable file is replaced by the next readable one,
@@ -56,15 +56,18 @@ class SeededImageFolder(ImageFolder):
     item is `(None, label, 1)` and the collate function drops it, so no image is counted twice.
     """
 
-    def __init__(self, root, transform, substitute_unreadable: bool):
-        super().__init__(root, transform=transform)
-        self.substitute_unreadable = substitute_unreadable
+    def __init__(self, index, transform, substitute_unreadable: bool):
+        self.index, self.transform, self.substitute_unreadable = index, transform, substitute_unreadable
+        self.classes, self.root = index.classes, index.root
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     def __getitem__(self, item):
         index, seed = item
         unreadable = 0
-        for attempt in range(len(self.samples)):
-            path, label = self.samples[(index + attempt) % len(self.samples)]
+        for attempt in range(len(self.index)):
+            path, label = self.index[(index + attempt) % len(self.index)]
             try:
                 with Image.open(path) as img:
                     img = img.convert("RGB")

@@ -1,0 +1,98 @@
+"""The file list of an ImageNet-layout split, built once per folder and shared: numpy arrays, not Python objects.
+
+At ImageNet's size (1.28 M files) walking the folder costs every rank of every run its start-up time,
+and a list of 1.28 M `(path, label)` tuples is copied page by page into every forked loader worker as
+reference counts touch it. `FileIndex` holds the relative paths as one byte array with offsets and the
+labels as an int array (nothing for a worker to copy), in the order `torchvision.datasets.ImageFolder`
+lists them. `load_index` caches it under `.cache/index/`, keyed by the folder and checked against the
+modification times of the split and class folders (adding or removing a file changes its folder's), and
+builds it under a file lock, so the ranks of a run, and later runs, share one scan.
+"""
+import fcntl
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+INDEX_VERSION = 1
+
+
+class FileIndex:
+    """`index[i] -> (path, label)` over arrays; `paths` relative to `root` are stored as UTF-8 bytes."""
+
+    def __init__(self, root: pathlib.Path, classes: list[str], blob: np.ndarray, offsets: np.ndarray, labels: np.ndarray):
+        self.root, self.classes = pathlib.Path(root), list(classes)
+        self.blob, self.offsets, self.labels = blob, offsets, labels
+        self.prefix = str(self.root) + os.sep
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def path(self, i: int) -> str:
+        return self.prefix + self.blob[self.offsets[i]:self.offsets[i + 1]].tobytes().decode()
+
+    def __getitem__(self, i: int) -> tuple[str, int]:
+        return self.path(i), int(self.labels[i])
+
+    @classmethod
+    def scan(cls, split_dir: pathlib.Path, classes: list[str]) -> "FileIndex":
+        """Walk the split as ImageFolder does: classes in order, files sorted, image extensions only."""
+        split_dir = pathlib.Path(split_dir)
+        names, labels = [], []
+        for label, name in enumerate(classes):
+            class_dir = split_dir / name
+            for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
+                rel = os.path.relpath(dirpath, split_dir)
+                for file in sorted(files):
+                    if file.lower().endswith(IMG_EXTENSIONS):
+                        names.append(os.path.join(rel, file).encode())
+                        labels.append(label)
+        offsets = np.zeros(len(names) + 1, dtype=np.int64)
+        np.cumsum([len(n) for n in names], out=offsets[1:])
+        blob = np.frombuffer(b"".join(names), dtype=np.uint8).copy()
+        return cls(split_dir, classes, blob, offsets, np.asarray(labels, dtype=np.int32))
+
+
+def signature(split_dir: pathlib.Path, classes: list[str]) -> str:
+    """What must not change for a cached index to hold: the folder, its classes, their folders' mtimes."""
+    stamps = [os.stat(split_dir).st_mtime_ns] + [os.stat(split_dir / name).st_mtime_ns for name in classes]
+    return json.dumps([INDEX_VERSION, str(split_dir.resolve()), classes, stamps])
+
+
+def load_index(split_dir: str | os.PathLike, classes: list[str], cache_dir: str | os.PathLike = ".cache/index") -> FileIndex:
+    """The split's FileIndex from the cache when it is current, else scanned (once, under a lock) and cached."""
+    split_dir = pathlib.Path(split_dir)
+    sig = signature(split_dir, classes)
+    cache_dir = pathlib.Path(cache_dir)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return FileIndex.scan(split_dir, classes)  # read-only place: scan, as ImageFolder would
+    cache = cache_dir / (hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:16] + ".npz")
+    with open(cache.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be writing it: wait, then read its result
+        index = _read(cache, split_dir, classes, sig)
+        if index is None:
+            index = FileIndex.scan(split_dir, classes)
+            staging = cache.with_suffix(f".{os.getpid()}.tmp.npz")
+            np.savez(staging, blob=index.blob, offsets=index.offsets, labels=index.labels, signature=np.array(sig))
+            os.replace(staging, cache)
+    return index
+
+
+def _read(cache: pathlib.Path, split_dir: pathlib.Path, classes: list[str], sig: str) -> FileIndex | None:
+    if not cache.is_file():
+        return None
+    try:
+        with np.load(cache) as data:
+            if str(data["signature"]) != sig:
+                return None
+            return FileIndex(split_dir, classes, data["blob"], data["offsets"], data["labels"])
+    except (OSError, ValueError, KeyError):  # a damaged cache file is rebuilt
+        return None
+
+
+__all__ = ["FileIndex", "load_index"]
