@@ -14,7 +14,7 @@ import torch
 
 from mabn.host_memory import keep_freed_blocks
 
-from . import bench_detection, bench_loaders, bench_models, bench_norms
+from . import bench_detection, bench_loaders, bench_models, bench_norms, bench_scale
 from .common import device_name
 
 
@@ -23,7 +23,8 @@ def main() -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds (smoke run)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd MABN kernels")
-    parser.add_argument("--only", choices=["norms", "models", "detection", "loaders"], help="run one part")
+    parser.add_argument("--only", choices=["norms", "models", "detection", "loaders", "scale"],
+                        help="run one part (scale runs only when asked: it builds a 1.28 M-file tree once)")
     parser.add_argument("--out", default="outputs/bench")
     args = parser.parse_args()
     if args.device == "cpu":
@@ -32,6 +33,7 @@ def main() -> int:
         "norms": ("Norm layers: training forward + backward", lambda: bench_norms.run(args.device, args.quick, not args.no_compile)),
         "models": ("ResNet-50: training step and inference", lambda: bench_models.run(args.device, args.quick)),
         "detection": ("Detection at a real batch of 2", lambda: bench_detection.run(args.device, args.quick)),
+        "scale": ("ImageNet scale without ImageNet", lambda: bench_scale.run(args.device, args.quick)),
         "loaders": ("Input pipelines", lambda: bench_loaders.run(args.device, args.quick)),
     }
     report = [f"# mabn benchmarks\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {device_name(args.device)}, "
@@ -39,7 +41,7 @@ def main() -> int:
               f"in one process (interleaved rounds, medians); absolute numbers beside them for scale.\n"]
     numbers = {}
     for key, (title, fn) in parts.items():
-        if args.only and key != args.only:
+        if (args.only and key != args.only) or (key == "scale" and args.only != "scale"):
             continue
         print(f"running {key} ...", file=sys.stderr, flush=True)
         text, values = fn()
