@@ -64,9 +64,9 @@ def convert_model(model: nn.Module, norm: str, *, norm_batch: int | None = None,
         if norm in BATCH_STAT_NORMS:
             kwargs["norm_batch"] = norm_batch
         if norm == "gn":  # torchvision widths such as 40 or 104 are not multiples of 32 groups
-            kwargs["num_groups"] = math.gcd(kwargs.get("num_groups", 32), old.num_features)
+            kwargs["num_groups"] = math.gcd(kwargs.get("num_groups", 32), channels(old))
         try:
-            new = build_norm(norm, old.num_features, **kwargs)
+            new = build_norm(norm, channels(old), **kwargs)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{cls.__name__} '{path}': {err}") from None
         if not carry_state(old, new):
@@ -88,6 +88,11 @@ def convert_model(model: nn.Module, norm: str, *, norm_batch: int | None = None,
     return model
 
 
+def channels(norm: nn.Module) -> int:
+    """Channels of a source norm (FrozenBatchNorm2d has no num_features, an affine=False BatchNorm2d no weight)."""
+    return getattr(norm, "num_features", None) or norm.weight.shape[0]
+
+
 def _trainable(norm: nn.Module) -> bool:
     weight = getattr(norm, "weight", None)
     return isinstance(weight, nn.Parameter) and weight.requires_grad
@@ -98,7 +103,7 @@ def carry_state(old: nn.Module, new: nn.Module) -> bool:
     """Copy `old`'s affine parameters and running statistics into `new` so that their eval outputs agree.
 
     Returns False when `new` has no running statistics to hold them (GN: gamma and beta only)."""
-    c = old.num_features
+    c = new.num_features
     gamma = old.weight.detach() if old.weight is not None else torch.ones(c)
     beta = old.bias.detach() if old.bias is not None else torch.zeros(c)
     new.weight.copy_(gamma)
