@@ -50,7 +50,8 @@ def count(model: nn.Module, kind) -> int:
     return sum(isinstance(m, kind) for m in model.modules())
 
 
-@pytest.mark.parametrize("name", CLASSIFIERS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in QUICK + ("efficientnet_b0",) else pytest.mark.slow)
+                                  for n in CLASSIFIERS])
 def test_classifier_eval_function_survives_conversion_and_folding(name):
     model = classifier(name)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
