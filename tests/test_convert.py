@@ -14,7 +14,7 @@ from mabn.norms import NORMS, CenConv2d, MABN2d
 
 CLASSIFIERS = ["resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "regnet_y_400mf", "mobilenet_v3_small",
                "efficientnet_b0"]
-QUICK = ("resnet18", "mobilenet_v3_small")  # trained in `make test`; the rest with `make test-slow`
+QUICK = ("resnet18", "mobilenet_v3_small")  # checked in `make test`; the rest with `make test-slow`
 DETECTORS = ["fasterrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "retinanet_resnet50_fpn"]
 TRAIN_NORMS = ["bn", "syncbn", "gn", "brn", "mabn"]
 EVAL_EXACT_NORMS = ["bn", "syncbn", "brn", "mabn"]  # norms that can hold BN's eval function
@@ -73,7 +73,7 @@ def test_classifier_eval_function_survives_conversion_and_folding(name):
 
 
 @pytest.mark.filterwarnings("ignore:gn has no running statistics")
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n in QUICK else pytest.mark.slow) for n in CLASSIFIERS])
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "resnet18" else pytest.mark.slow) for n in CLASSIFIERS])
 def test_every_converted_classifier_trains_with_every_norm(name):
     model = classifier(name)
     gen = torch.Generator().manual_seed(3)
@@ -120,7 +120,8 @@ def test_detector_eval_outputs_survive_conversion_and_folding(name):
 
 
 @pytest.mark.filterwarnings("ignore:gn has no running statistics")
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == DETECTORS[0] else pytest.mark.slow) for n in DETECTORS])
+@pytest.mark.slow  # make test trains a converted Faster R-CNN in test_mabn_detector_at_a_real_batch_of_2...
+@pytest.mark.parametrize("name", DETECTORS)
 def test_every_converted_detector_trains(name):
     model = detector(name)
     gen = torch.Generator().manual_seed(5)
