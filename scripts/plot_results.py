@@ -19,6 +19,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mabn.results import PAPER_FIGURE, find_runs, load_run  # noqa: E402
 
 
+NORM_COLORS = {"bn": "C0", "brn": "C1", "mabn": "C2", "gn": "C3", "syncbn": "C4", "ln": "C5", "in": "C6"}
+
+
 def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
     runs = [r for r in find_runs(*roots) if r.finished and (with_tags or not r.tag)]
     if not runs:
@@ -36,11 +39,13 @@ def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
             batches = sorted(by_batch)
             means = [statistics.fmean(by_batch[b]) for b in batches]
             stds = [statistics.stdev(by_batch[b]) if len(by_batch[b]) > 1 else 0.0 for b in batches]
-            ax.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=f"{norm}{tag}")
+            ax.errorbar(batches, means, yerr=stds, marker="o", capsize=3, label=f"{norm}{tag}",
+                        color=None if tag else NORM_COLORS.get(norm))
         if paper:
             for norm, points in PAPER_FIGURE.items():
                 xs = sorted(points)
-                ax.plot(xs, [points[x] for x in xs], linestyle="--", alpha=0.5, label=f"paper {norm} (R50 ImageNet)")
+                ax.plot(xs, [points[x] for x in xs], linestyle="--", alpha=0.5, color=NORM_COLORS.get(norm),
+                        label=f"paper {norm} (R50 ImageNet)")
         ax.set_xscale("log", base=2)
         ax.invert_xaxis()
         ax.set_xlabel("normalization batch b")
