@@ -36,6 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.bench
 # torch.utils.benchmark's import logs "No CUDA runtime is found" on CPU machines: noise before our one-line answer
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from mabn.engine import autocast  # noqa: E402
 from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
 from mabn.norms import MABN2d, build_norm  # noqa: E402
@@ -44,6 +45,17 @@ from scripts.bench.common import compare, markdown_table  # noqa: E402
 
 NVIDIA_A100_RN50_AMP = 2470  # img/s, DeepLearningExamples ResNet-50 v1.5, A100 80GB, AMP, batch 256 (published)
 PAPER_INFERENCE = {"bn": 237.88, "mabn folded": 237.88, "gn": 99.37, "ln": 125.44, "in": 105.60}  # it/s, SPEC §5
+
+
+def amp_step(net, opt, scaler, x, y, device: str) -> torch.Tensor:
+    """One training step under the trainer's autocast (float16 with GradScaler on CUDA, bfloat16 on CPU)."""
+    with autocast(device, True):
+        loss = F.cross_entropy(net(x), y)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    return loss.detach()
 
 
 class Check:
@@ -193,13 +205,7 @@ def training_and_resume(check: Check) -> str:
         return net, opt, torch.amp.GradScaler("cuda", enabled=cuda)
 
     def step(net, opt, scaler):
-        with torch.autocast(check.device.split(":")[0], dtype=amp_dtype):
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        return loss.detach()
+        return amp_step(net, opt, scaler, x, y, check.device)
 
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -294,15 +300,7 @@ def step_speed(check: Check) -> str:
             opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
             scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
-            def fn(net=net, opt=opt, scaler=scaler, x=x, y=y):
-                with torch.autocast(check.device.split(":")[0], dtype=amp_dtype):
-                    loss = F.cross_entropy(net(x), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-
-            fns[name] = fn
+            fns[name] = lambda net=net, opt=opt, scaler=scaler, x=x, y=y: amp_step(net, opt, scaler, x, y, check.device)
         times = compare(fns, check.device, rounds=2 if check.dry else 3, min_run_time=0.2 if check.dry else 1.0)
         for name, t in times.items():
             rows.append([str(batch), name, f"{batch / t:.1f}", f"{t / times['bn']:.2f}"])
@@ -323,15 +321,7 @@ def bn_throughput(check: Check) -> str:
     x = torch.randn(batch, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=check.device)
 
-    def fn():
-        with torch.autocast(check.device.split(":")[0], dtype=torch.float16 if cuda else torch.bfloat16):
-            loss = F.cross_entropy(net(x), y)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-
-    t = compare({"bn": fn}, check.device, rounds=3, min_run_time=0.3 if check.dry else 2.0)["bn"]
+    t = compare({"bn": lambda: amp_step(net, opt, scaler, x, y, check.device)}, check.device, rounds=3, min_run_time=0.3 if check.dry else 2.0)["bn"]
     rate = batch / t
     check.numbers["bn_b256_img_per_s"] = rate
     return (f"{shape['arch']} BN, batch {batch}, AMP + channels_last: **{rate:.0f} img/s** "

@@ -6,6 +6,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data import INPUT_FORMATS, LOADERS
 from .norms import BATCH_STAT_NORMS
+from .norms._groups import is_int, is_number
 from .optim import POLICIES, warmup_steps
 
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
@@ -67,44 +68,36 @@ def _require(key: str, value, ok: bool, valid: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
 
 
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_data(data: DictConfig) -> None:
     """Sizes and counts of the data group (the layout of data.root is checked by mabn.data.check_layout)."""
     crop, resize = data.crop_size, data.get("val_resize")
-    _require("data.crop_size", crop, _int(crop) and crop > 0, "a positive integer (pixels)")
-    _require("data.val_resize", resize, _int(resize) and resize >= crop, f"an integer >= data.crop_size={crop}")
+    _require("data.crop_size", crop, is_int(crop) and crop > 0, "a positive integer (pixels)")
+    _require("data.val_resize", resize, is_int(resize) and resize >= crop, f"an integer >= data.crop_size={crop}")
     scale = list(data.crop_scale) if OmegaConf.is_list(data.get("crop_scale")) else data.get("crop_scale")
-    _require("data.crop_scale", scale, isinstance(scale, list) and len(scale) == 2 and all(map(_number, scale))
+    _require("data.crop_scale", scale, isinstance(scale, list) and len(scale) == 2 and all(map(is_number, scale))
              and 0 < scale[0] <= scale[1] <= 1, "[min, max] area fractions with 0 < min <= max <= 1")
     val_batch = data.get("val_batch_per_gpu")
-    _require("data.val_batch_per_gpu", val_batch, val_batch is None or (_int(val_batch) and val_batch > 0),
+    _require("data.val_batch_per_gpu", val_batch, val_batch is None or (is_int(val_batch) and val_batch > 0),
              "null (data.batch_per_gpu) or a positive integer")
-    _require("data.workers", data.workers, _int(data.workers) and data.workers >= 0, "an integer >= 0 (0: load in the main process)")
-    _require("data.lighting_std", data.lighting_std, _number(data.lighting_std) and data.lighting_std >= 0, "a number >= 0 (0: off)")
+    _require("data.workers", data.workers, is_int(data.workers) and data.workers >= 0, "an integer >= 0 (0: load in the main process)")
+    _require("data.lighting_std", data.lighting_std, is_number(data.lighting_std) and data.lighting_std >= 0, "a number >= 0 (0: off)")
     unreadable = data.get("max_unreadable")
-    _require("data.max_unreadable", unreadable, unreadable is None or (_int(unreadable) and unreadable >= 0), "null or an integer >= 0")
+    _require("data.max_unreadable", unreadable, unreadable is None or (is_int(unreadable) and unreadable >= 0), "null or an integer >= 0")
 
 
 def check_schedule_and_optim(cfg: DictConfig) -> None:
     sched, optim = cfg.schedule, cfg.optim
-    _require("schedule.base_lr", sched.base_lr, _number(sched.base_lr) and sched.base_lr > 0, "a number > 0")
-    _require("schedule.warmup_epochs", sched.warmup_epochs, _number(sched.warmup_epochs) and 0 <= sched.warmup_epochs <= sched.epochs,
+    _require("schedule.base_lr", sched.base_lr, is_number(sched.base_lr) and sched.base_lr > 0, "a number > 0")
+    _require("schedule.warmup_epochs", sched.warmup_epochs, is_number(sched.warmup_epochs) and 0 <= sched.warmup_epochs <= sched.epochs,
              f"a number in [0, schedule.epochs={sched.epochs}]")
     milestones = list(sched.milestones)
-    _require("schedule.milestones", milestones, all(map(_number, milestones)) and milestones == sorted(milestones)
+    _require("schedule.milestones", milestones, all(map(is_number, milestones)) and milestones == sorted(milestones)
              and all(0 < m < sched.epochs for m in milestones), f"increasing epochs within (0, {sched.epochs})")
-    _require("schedule.gamma", sched.gamma, _number(sched.gamma) and 0 < sched.gamma <= 1, "a number in (0, 1]")
+    _require("schedule.gamma", sched.gamma, is_number(sched.gamma) and 0 < sched.gamma <= 1, "a number in (0, 1]")
     final = sched.get("final_lr_fraction", 0.0)
-    _require("schedule.final_lr_fraction", final, _number(final) and 0 <= final <= 1, "a number in [0, 1]")
-    _require("optim.momentum", optim.momentum, _number(optim.momentum) and 0 <= optim.momentum < 1, "a number in [0, 1)")
-    _require("optim.weight_decay", optim.weight_decay, _number(optim.weight_decay) and optim.weight_decay >= 0, "a number >= 0")
+    _require("schedule.final_lr_fraction", final, is_number(final) and 0 <= final <= 1, "a number in [0, 1]")
+    _require("optim.momentum", optim.momentum, is_number(optim.momentum) and 0 <= optim.momentum < 1, "a number in [0, 1)")
+    _require("optim.weight_decay", optim.weight_decay, is_number(optim.weight_decay) and optim.weight_decay >= 0, "a number >= 0")
 
 
 def check_train(cfg: DictConfig) -> None:
@@ -115,12 +108,12 @@ def check_train(cfg: DictConfig) -> None:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={device!r} but no CUDA device is visible; valid here: auto or cpu")
     for key in ("checkpoint_keep", "log_every"):
-        _require(f"train.{key}", train[key], _int(train[key]) and train[key] >= 1, "an integer >= 1")
+        _require(f"train.{key}", train[key], is_int(train[key]) and train[key] >= 1, "an integer >= 1")
     for key in ("checkpoint_every_steps", "checkpoint_minutes", "max_nonfinite_skips"):
-        _require(f"train.{key}", train[key], _number(train[key]) and train[key] >= 0, "a number >= 0 (0: off)")
+        _require(f"train.{key}", train[key], is_number(train[key]) and train[key] >= 0, "a number >= 0 (0: off)")
     cap = train.get("max_batches_per_epoch")
-    _require("train.max_batches_per_epoch", cap, cap is None or (_int(cap) and cap > 0), "null or a positive integer")
-    _require("stats.every", cfg.stats.every, _int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")
+    _require("train.max_batches_per_epoch", cap, cap is None or (is_int(cap) and cap > 0), "null or a positive integer")
+    _require("stats.every", cfg.stats.every, is_int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")
     root = str(cfg.get("output_root", "outputs"))
     _require("output_root", root, not root.startswith("~"), "a path without ~ (Hydra does not expand it): use $HOME/...")
 
