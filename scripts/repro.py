@@ -74,9 +74,13 @@ class Plan:
     def archived(self, run_dir: pathlib.Path) -> pathlib.Path | None:
         return self.archive / run_dir.parent.name / run_dir.name if self.archive else None
 
-    def finished(self, run: list[str]) -> bool:
+    def finished_dir(self, run: list[str]) -> pathlib.Path | None:
+        """Where the run finished: its run dir, else its archived records, else None."""
         run_dir = self.run_dir(run)
-        return any(d is not None and is_finished(d) for d in (run_dir, self.archived(run_dir)))
+        return next((d for d in (run_dir, self.archived(run_dir)) if d is not None and is_finished(d)), None)
+
+    def finished(self, run: list[str]) -> bool:
+        return self.finished_dir(run) is not None
 
 
 def is_finished(run_dir: pathlib.Path) -> bool:
@@ -97,14 +101,9 @@ def third_seeds(plan: Plan, parts: list[str], seeds: list[int], spread: float) -
     """Seed max(seeds)+1 of every planned setting whose first two seeds' final errors differ by > spread."""
     if len(seeds) < 2:
         return []
-    first, second = [r for r in planned_runs(parts, seeds[:1])], planned_runs(parts, seeds[1:2])
     extra = []
-    for a, b in zip(first, second):
-        errs = []
-        for run in (a, b):
-            run_dir = plan.run_dir(run)
-            archived = plan.archived(run_dir)
-            errs.append(final_error(run_dir) if is_finished(run_dir) else final_error(archived) if archived else None)
+    for a, b in zip(planned_runs(parts, seeds[:1]), planned_runs(parts, seeds[1:2])):
+        errs = [final_error(d) if (d := plan.finished_dir(run)) is not None else None for run in (a, b)]
         if None not in errs and abs(errs[0] - errs[1]) > spread:
             extra.append([o for o in a if not o.startswith("seed=")] + [f"seed={max(seeds) + 1}"])
     return extra
