@@ -36,6 +36,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.bench
 # torch.utils.benchmark's import logs "No CUDA runtime is found" on CPU machines: noise before our one-line answer
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from mabn.compile import compile_model  # noqa: E402
 from mabn.engine import autocast  # noqa: E402
 from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
@@ -285,20 +286,27 @@ def step_speed(check: Check) -> str:
     shape, cuda = resnet_shape(check), check.device.startswith("cuda")
     amp_dtype = torch.float16 if cuda else torch.bfloat16
     rows = []
-    variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn"),
-                "mabn compiled kernels": dict(norm="mabn", kernel="compiled")}
+    steady = dict(warmup=0, renorm_start=0)  # MABN past its warmup: averages and r on
+    variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn", **steady),
+                "mabn compiled kernels": dict(norm="mabn", kernel="compiled", **steady)}
+    compiled = {"bn train.compile": dict(norm="bn"), "mabn train.compile": dict(norm="mabn", **steady)}
     if check.dry:
         variants.pop("mabn compiled kernels")
     for batch in ((8, 2) if check.dry else (32, 2)):
+        # torch.compile of the whole model where launches dominate: the real batch of 2 (a compile per
+        # model costs about a minute; the dry run leaves it to tests/test_compile.py)
+        todo = {**variants, **(compiled if batch == 2 and not check.dry else {})}
         x = torch.randn(batch, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (batch,), device=check.device)
         fns = {}
-        for name, kwargs in variants.items():
+        for name, kwargs in todo.items():
             torch.manual_seed(0)
             net = build_model(shape["arch"], num_classes=1000, width=shape["width"], stem=shape["stem"], **kwargs)
             net = net.to(check.device).to(memory_format=torch.channels_last).train()
             opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
             scaler = torch.amp.GradScaler("cuda", enabled=cuda)
+            if name in compiled:
+                net = compile_model(net)  # compiled by compare's warm-up call
 
             fns[name] = lambda net=net, opt=opt, scaler=scaler, x=x, y=y: amp_step(net, opt, scaler, x, y, check.device)
         times = compare(fns, check.device, rounds=2 if check.dry else 3, min_run_time=0.2 if check.dry else 1.0)

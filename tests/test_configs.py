@@ -169,6 +169,8 @@ BAD_VALUES = {  # override -> what the one error line must say
     "optim.weight_decay=-1": "optim.weight_decay=-1 is not valid",
     "train.device=tpu": "train.device='tpu' is not valid; valid: auto, cpu, cuda or cuda:N",
     "train.checkpoint_keep=0": "train.checkpoint_keep=0 is not valid",
+    "train.compile=yes": "train.compile='yes' is not valid; valid: true or false",
+    "train.compile_mode=fast": "train.compile_mode='fast' is not valid; valid: default, reduce-overhead, max-autotune",
     "train.max_batches_per_epoch=0": "train.max_batches_per_epoch=0 is not valid",
     "stats.every=0": "stats.every=0 is not valid",
     "output_root='~/runs'": "output_root='~/runs' is not valid; valid: a path without ~",  # as the shell passes it quoted

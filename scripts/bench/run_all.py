@@ -22,7 +22,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer rounds (smoke run)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile'd MABN kernels")
+    parser.add_argument("--no-compile", action="store_true", help="skip everything torch.compile'd (MABN kernels, compiled training steps)")
     parser.add_argument("--only", choices=["norms", "models", "detection", "loaders", "scale"],
                         help="run one part (scale runs only when asked: it builds a 1.28 M-file tree once)")
     parser.add_argument("--out", default="outputs/bench")
@@ -31,7 +31,7 @@ def main() -> int:
         keep_freed_blocks()  # as training on CPU does (mabn.train)
     parts = {
         "norms": ("Norm layers: training forward + backward", lambda: bench_norms.run(args.device, args.quick, not args.no_compile)),
-        "models": ("ResNet-50: training step and inference", lambda: bench_models.run(args.device, args.quick)),
+        "models": ("ResNet-50: training step and inference", lambda: bench_models.run(args.device, args.quick, not args.no_compile)),
         "detection": ("Detection at a real batch of 2", lambda: bench_detection.run(args.device, args.quick)),
         "scale": ("ImageNet scale without ImageNet", lambda: bench_scale.run(args.device, args.quick)),
         "loaders": ("Input pipelines", lambda: bench_loaders.run(args.device, args.quick)),

@@ -4,6 +4,7 @@ import pathlib
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .compile import MODES as COMPILE_MODES
 from .data import INPUT_FORMATS, LOADERS
 from .norms import BATCH_STAT_NORMS
 from .norms._groups import is_int, is_number
@@ -111,6 +112,8 @@ def check_train(cfg: DictConfig) -> None:
         _require(f"train.{key}", train[key], is_int(train[key]) and train[key] >= 1, "an integer >= 1")
     for key in ("checkpoint_every_steps", "checkpoint_minutes", "max_nonfinite_skips"):
         _require(f"train.{key}", train[key], is_number(train[key]) and train[key] >= 0, "a number >= 0 (0: off)")
+    _require("train.compile", train.compile, isinstance(train.compile, bool), "true or false")
+    _require("train.compile_mode", train.compile_mode, train.compile_mode in COMPILE_MODES, ", ".join(COMPILE_MODES))
     cap = train.get("max_batches_per_epoch")
     _require("train.max_batches_per_epoch", cap, cap is None or (is_int(cap) and cap > 0), "null or a positive integer")
     _require("stats.every", cfg.stats.every, is_int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")

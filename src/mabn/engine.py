@@ -155,10 +155,13 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
         if recording:  # per-sample loss gradients: undo the mean over the batch, accumulation and loss scaling
             job.batch_stats.arm(x.shape[0] * accum / job.scaler.get_scale() if job.scaler.is_enabled()
                                 else x.shape[0] * accum)
-        sync_ctx = model.no_sync() if (info.enabled and not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
+        # A recorded micro-batch runs eagerly (the recorder's hooks read values on the host); the
+        # compiled model (train.compile) shares its parameters, buffers and MABN host counters.
+        net = job.model_eager if recording else model
+        sync_ctx = job.model_eager.no_sync() if (info.enabled and not last_micro) else contextlib.nullcontext()
         with sync_ctx:
             with autocast(info.device, cfg.train.amp):
-                loss = F.cross_entropy(model(x), y, label_smoothing=cfg.train.label_smoothing)
+                loss = F.cross_entropy(net(x), y, label_smoothing=cfg.train.label_smoothing)
             # Ranks agree on stopping and checkpointing (a signal or a clock may reach them at different steps).
             due = last_micro and bool(cfg.train.checkpoint_minutes) and \
                 time.monotonic() - last_ckpt_time > 60 * cfg.train.checkpoint_minutes

@@ -23,6 +23,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from . import checkpoint as ckpt
 from .batch_stats import BatchStatsRecorder, select_layers
+from .compile import compile_model
 from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
 from .distributed import (
@@ -100,6 +101,9 @@ class Job:
             # holds the same buffers anyway: fresh, or rank 0's from the checkpoint.
             device_ids = [info.local_rank] if info.device.startswith("cuda") else None
             self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
+        self.model_eager = self.model  # batch-statistics recording runs it: its hooks need eager layers
+        if cfg.train.compile:
+            self.model = compile_model(self.model, mode=cfg.train.compile_mode)
         self.sgd_batch = sgd_batch(cfg, info.world_size)
         self.peak_lr = scaled_lr(cfg.schedule.base_lr, self.sgd_batch)
         self.optimizer = build_optimizer(net, cfg.optim, self.peak_lr)
@@ -235,7 +239,7 @@ def run(cfg: DictConfig) -> dict:
                 log.warning("stop signal %s: checkpoint %s written; run the same command to resume",
                             stop.received, progress.last_checkpoint)
                 return dict(event="preempted", step=progress.step)
-            val_stats = evaluate(job.model.module if info.enabled else job.model, job.loaders.val, info,
+            val_stats = evaluate(job.net, job.loaders.val, info,
                                  cfg.train.amp, cfg.train.channels_last)
             if val_stats["val_images"] != job.loaders.val_size:
                 log.warning("evaluated %d images, the val set has %d", val_stats["val_images"], job.loaders.val_size)

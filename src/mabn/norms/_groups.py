@@ -81,6 +81,22 @@ def grad_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return dy.sum(3).sum(1), (dy * x).sum(3).sum(1)
 
 
+def store_buffer(layer, name: str, value: torch.Tensor, backward: bool = False) -> None:
+    """Set buffer `name` of `layer` to `value` (no autograd): in place, except in a forward traced by
+    torch.compile, which rebinds it.
+
+    AOTAutograd may recompute in the backward what the forward derived from a buffer (MABN's
+    variance from its chi ring and r from running_var, BRN's r and d from its running statistics
+    and counter) by reading the buffer's graph input, which an in-place write has already changed:
+    the gradients would silently differ from eager. A rebound buffer leaves that input untouched.
+    The backward (nothing reads the buffers after it) writes in place."""
+    with torch.no_grad():
+        if torch.compiler.is_compiling() and not backward:
+            setattr(layer, name, value.detach())
+        else:
+            getattr(layer, name).copy_(value)
+
+
 def per_group(t: torch.Tensor) -> torch.Tensor:
     """A (G, C) statistic (or a (C,) parameter) shaped to broadcast against the (G, b, C, H*W) view."""
     return t[:, None, :, None] if t.dim() == 2 else t[:, None]

@@ -13,7 +13,8 @@ one forward as consecutive entries, so a window of m groups spans this and earli
 import torch
 from torch import nn
 
-from ._groups import check_input, grad_sums, group_view, is_int, is_number, per_sample, require, scale_shift, second_moment
+from ._groups import (check_input, grad_sums, group_view, is_int, is_number, layer_label, per_sample, require, scale_shift,
+                      second_moment, store_buffer)
 
 AVERAGES = ("sma", "ema")
 
@@ -45,47 +46,80 @@ def advance_counter(layer: nn.Module, name: str, by: int) -> int:
     return value
 
 
-def push_and_average(ring: torch.Tensor, seen: int, stats: torch.Tensor, average: str, want_average: bool = True):
+def ring_position(layer: nn.Module, name: str, by: int, backward: bool = False):
+    """How many rows entered the ring counted by `name` before this call, then advance it by `by`.
+
+    Eager: a host int (`read_counter`), so the ring is addressed without device work. Under
+    torch.compile: the buffer itself (a 0-d tensor), so one graph serves every position instead of
+    specializing on the int (see `mabn.compile`), stored with `store_buffer`.
+    """
+    if torch.compiler.is_compiling():
+        seen = getattr(layer, name).clone()  # the backward writes the buffer in place
+        store_buffer(layer, name, seen + by, backward)
+        return seen
+    seen = read_counter(layer, name)
+    advance_counter(layer, name, by)
+    return seen
+
+
+def push_and_average(ring: torch.Tensor, seen, stats: torch.Tensor, average: str, want_average: bool = True):
     """Feed the rows of `stats` (G, C) in order into a moving average over `len(ring)` entries,
     `seen` rows having entered before; updates `ring` in place (the caller advances `seen`).
 
     Returns `averaged` (G, C), `averaged[k]` being the moving average right after row k entered, or
-    None when `want_average` is False (warming up: the state advances, nothing is read).
+    None when `want_average` is False (warming up: the state advances, nothing is read), and the
+    ring: `ring` itself, written in place, or under torch.compile a new tensor for `store_buffer`.
 
     sma: `ring` holds the last m rows; slot `seen % m` is the oldest.
     ema: `ring[0]` holds the running value; alpha = 2 / (m + 1), the EMA with the SMA's centre of
     mass, started from the first row ever seen.
+
+    `seen` is a host int (eager: slots are Python ints) or a 0-d tensor (under torch.compile: the
+    same slots as index tensors, so the graph does not depend on its value).
     """
     window, groups = ring.shape[0], stats.shape[0]
-    if average == "sma" and groups == 1:
+    traced = isinstance(seen, torch.Tensor)
+    if average == "sma" and groups == 1 and not traced:
         # The window ending at the one new row is the whole ring once the row is written.
         ring[seen % window].copy_(stats[0])
-        return ring.mean(0, keepdim=True) if want_average else None
+        return (ring.mean(0, keepdim=True) if want_average else None), ring
     if average == "sma":
         averaged = None
         if want_average:
-            oldest_first = ring.roll(-(seen % window), 0)
+            if traced:
+                oldest_first = ring.index_select(0, (seen + torch.arange(window, device=ring.device)) % window)
+            else:
+                oldest_first = ring.roll(-(seen % window), 0)
             history = torch.cat([oldest_first, stats], dim=0)  # (m + G, C)
             averaged = history.unfold(0, window, 1)[1:].mean(-1)  # window ending at each new row
         kept = min(groups, window)
-        slots = [(seen + k) % window for k in range(groups - kept, groups)]
-        ring[slots] = stats[-kept:]
-        return averaged
+        if traced:
+            ring = ring.index_copy(0, (seen + torch.arange(groups - kept, groups, device=ring.device)) % window, stats[-kept:])
+        else:
+            ring[[(seen + k) % window for k in range(groups - kept, groups)]] = stats[-kept:]
+        return averaged, ring
     if average == "ema":
         alpha = 2.0 / (window + 1)
-        previous = stats[0] if seen == 0 else ring[0]
+        previous = torch.where(seen == 0, stats[0], ring[0]) if traced else (stats[0] if seen == 0 else ring[0])
         steps = torch.arange(groups, device=stats.device, dtype=stats.dtype)
         lag = steps[:, None] - steps[None, :]  # k - j
         weights = torch.where(lag >= 0, alpha * (1 - alpha) ** lag.clamp(min=0), torch.zeros_like(lag))
         decay = ((1 - alpha) ** (steps + 1))[:, None]
         averaged = decay * previous + weights @ stats
-        ring[0] = averaged[-1]
-        return averaged if want_average else None
+        if traced:
+            ring = torch.cat([averaged[-1:], ring[1:]])
+        else:
+            ring[0] = averaged[-1]
+        return (averaged if want_average else None), ring
     raise ValueError(f"unknown moving average '{average}'; valid: {', '.join(AVERAGES)}")
 
 
-def moving_or_current(current: torch.Tensor, averaged: torch.Tensor | None, seen: int, window: int) -> torch.Tensor:
-    """Row k: the moving average once more than `window` rows had entered (SPEC: t > m), else `current`."""
+def moving_or_current(current: torch.Tensor, averaged: torch.Tensor | None, seen, window: int) -> torch.Tensor:
+    """Row k: the moving average once more than `window` rows had entered (SPEC: t > m), else `current`.
+    `seen` as in `push_and_average`."""
+    if averaged is not None and isinstance(seen, torch.Tensor):
+        ready = seen + 1 + torch.arange(current.shape[0], device=current.device) > window
+        return torch.where(ready[:, None], averaged, current)
     first_ready = max(0, window - seen)  # row k is ready when seen + 1 + k > window
     if averaged is None or first_ready >= current.shape[0]:
         return current
@@ -117,36 +151,20 @@ def kernels(kind: str):
 
 
 class MABNFunction(torch.autograd.Function):
-    """MABN training forward/backward with explicit backward; `layer` holds the state it advances.
+    """y = gamma r x / sqrt(var + eps) + beta per (group, channel), with MABN's backward (module docstring).
 
-    The counters are read on the host (`read_counter`), so each phase (warmup, averaging, r on) runs
-    only the ops it needs.
+    apply(x, weight, bias, inv_std, r, layer, warm): `inv_std` = 1 / sqrt(var + eps) and the clipped
+    `r` (G, C; None: r = 1) come from `MABN2d.forward`, which owns the forward statistics; the
+    backward advances the Psi ring of `layer`, averaging once `warm`.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer):
-        groups = group_view(layer, x, layer.norm_batch)
-        second_moment, scale_shift, _, _ = kernels(layer.kernel)
-        groups = groups.to(torch.promote_types(x.dtype, torch.float32))  # x^2 overflows in half precision
-        chi = second_moment(groups)  # (G, C)
-        t = read_counter(layer, "num_batches_tracked")
-        seen = read_counter(layer, "chi_seen")
-        warm = t >= layer.warmup
-        use_average = warm and layer.average_forward
-        averaged = push_and_average(layer.chi_ring, seen, chi, layer.average, want_average=use_average)
-        advance_counter(layer, "chi_seen", chi.shape[0])
-        var = moving_or_current(chi, averaged, seen, layer.window)
-        var_eps = var + layer.eps
-        inv_std = var_eps.rsqrt()
-        if layer.renorm and t > max(layer.renorm_start, layer.warmup):
-            r = (var_eps.sqrt_() * torch.rsqrt(layer.running_var + layer.eps)).clamp_(1 / layer.renorm_clip,
-                                                                                       layer.renorm_clip)
-            r_inv_std = r * inv_std
-        else:
-            r_inv_std = inv_std  # r = 1
+    def forward(ctx, x, weight, bias, inv_std, r, layer, warm):
+        _, scale_shift, _, _ = kernels(layer.kernel)
+        b = x.shape[0] // inv_std.shape[0]
+        r_inv_std = inv_std if r is None else r * inv_std
         scale = weight * r_inv_std  # (G, C): gamma r / sqrt(var + eps)
-        y = scale_shift(x.to(groups.dtype), per_sample(scale, groups.shape[1]), bias[:, None, None])
-        layer.running_var.lerp_(var[0] if var.shape[0] == 1 else var.mean(0), 1 - layer.momentum)
+        y = scale_shift(x.to(inv_std.dtype), per_sample(scale, b), bias[:, None, None])
         ctx.save_for_backward(x, inv_std, r_inv_std, scale)
         ctx.layer, ctx.warm, ctx.weight_dtype = layer, warm, weight.dtype
         return y.to(x.dtype)
@@ -162,10 +180,11 @@ class MABNFunction(torch.autograd.Function):
         count = groups.shape[1] * groups.shape[3]
         sum_dy, sum_dy_x = grad_sums(dy, groups)  # (G, C) each
         psi = scale * sum_dy_x / count  # mean over the group of g z, g = dL/dy gamma r
-        seen = read_counter(layer, "psi_seen")
-        use_average = ctx.warm and layer.average_backward
-        averaged = push_and_average(layer.psi_ring, seen, psi, layer.average, want_average=use_average)
-        advance_counter(layer, "psi_seen", psi.shape[0])
+        seen = ring_position(layer, "psi_seen", psi.shape[0], backward=True)
+        averaged, ring = push_and_average(layer.psi_ring, seen, psi, layer.average,
+                                          want_average=ctx.warm and layer.average_backward)
+        if ring is not layer.psi_ring:
+            store_buffer(layer, "psi_ring", ring, backward=True)
         mean_gz = moving_or_current(psi, averaged, seen, layer.window)
         b = groups.shape[1]
         grad_x = grad_input(grad_out.to(dtype), x.to(dtype), per_sample(scale, b),
@@ -174,7 +193,7 @@ class MABNFunction(torch.autograd.Function):
         if grad_weight.shape[0] > 1:
             grad_weight, sum_dy = grad_weight.sum(0), sum_dy.sum(0)
         grad_weight, grad_bias = grad_weight.reshape(-1).to(ctx.weight_dtype), sum_dy.reshape(-1).to(ctx.weight_dtype)
-        return grad_x.to(x.dtype), grad_weight, grad_bias, None
+        return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None
 
 
 class MABN2d(nn.Module):
@@ -229,14 +248,44 @@ class MABN2d(nn.Module):
         self.register_buffer("psi_seen", torch.tensor(0, dtype=torch.long))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self._host_counters: dict = {}  # see read_counter
+        self.compiled_phase: tuple[bool, bool] | None = None  # set by mabn.compile.MABNPhases, see forward
+
+    def phase_at(self, t: int) -> tuple[bool, bool]:
+        """(moving averages on, r on) for the t-th training forward (t from 1)."""
+        return t >= self.warmup, self.renorm and t > max(self.renorm_start, self.warmup)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)
         if not self.training:
             scale, shift = self.eval_affine()
             return x * scale[:, None, None].to(x.dtype) + shift[:, None, None].to(x.dtype)
-        advance_counter(self, "num_batches_tracked", 1)
-        return MABNFunction.apply(x, self.weight, self.bias, self)
+        if torch.compiler.is_compiling():
+            # Reading the counter here would specialize the graph on its value (a recompile per
+            # step); the phase comes from the host instead and the counters stay tensors.
+            if self.compiled_phase is None:
+                raise RuntimeError(f"{layer_label(self)}: under torch.compile the MABN phase is set on the host before "
+                                   "each training forward; compile with mabn.compile.compile_model")
+            warm, r_on = self.compiled_phase
+            store_buffer(self, "num_batches_tracked", self.num_batches_tracked + 1)
+        else:
+            warm, r_on = self.phase_at(advance_counter(self, "num_batches_tracked", 1))
+        with torch.no_grad():
+            second_moment = kernels(self.kernel)[0]
+            groups = group_view(self, x, self.norm_batch).to(torch.promote_types(x.dtype, torch.float32))  # x^2 overflows in half
+            chi = second_moment(groups)  # (G, C)
+            seen = ring_position(self, "chi_seen", chi.shape[0])
+            averaged, ring = push_and_average(self.chi_ring, seen, chi, self.average, want_average=warm and self.average_forward)
+            if ring is not self.chi_ring:
+                store_buffer(self, "chi_ring", ring)
+            var = moving_or_current(chi, averaged, seen, self.window)
+            var_eps = var + self.eps
+            inv_std = var_eps.rsqrt()
+            r = None  # r = 1
+            if r_on:
+                r = (var_eps.sqrt_() * torch.rsqrt(self.running_var + self.eps)).clamp_(1 / self.renorm_clip, self.renorm_clip)
+            batch_var = var[0] if var.shape[0] == 1 else var.mean(0)
+            store_buffer(self, "running_var", torch.lerp(self.running_var, batch_var, 1 - self.momentum))
+        return MABNFunction.apply(x, self.weight, self.bias, inv_std, r, self, warm)
 
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) per channel of the eval-mode op y = gamma x / sqrt(running_var + eps) + beta."""
