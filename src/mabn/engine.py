@@ -2,6 +2,7 @@
 import contextlib
 import logging
 import math
+import os
 import signal
 import time
 from dataclasses import dataclass, field
@@ -42,15 +43,23 @@ class Progress:
         self.__dict__.update(state)
 
 
+def stop_signals() -> list[signal.Signals]:
+    """SIGTERM, SIGUSR1, and submitit's preemption/time-limit signal: SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL
+    names another (submitit asks SLURM for `--signal=USR2@signal_delay_s`; its local executor sends the same)."""
+    names = ["TERM", "USR1", os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    return list(dict.fromkeys(getattr(signal, f"SIG{name}") for name in names if hasattr(signal, f"SIG{name}")))
+
+
 @dataclass
 class StopSignal:
-    """Set by SIGTERM/SIGUSR1 (SLURM preemption): finish the step, checkpoint, exit cleanly."""
+    """Set by a stop signal (`stop_signals`: a kill, SLURM preemption or time limit): finish the step,
+    checkpoint, exit cleanly; then `forward_to_previous_handler` lets submitit requeue the job."""
 
     received: int | None = None
     previous: dict = field(default_factory=dict)
 
     def install(self) -> "StopSignal":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in stop_signals():
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 

@@ -225,8 +225,8 @@ def run(cfg: DictConfig) -> dict:
     progress = Progress()
     job.resume(progress)
     if info.is_main:
-        log.info("run dir %s | %s x%d | SGD batch %d, peak lr %.4g | %d steps/epoch | source %s", run_dir, info.device,
-                 info.world_size, job.sgd_batch, job.peak_lr, job.steps_per_epoch, job.source)
+        log.info("run dir %s | %s x%d | SGD batch %d, peak lr %.4g | %d steps/epoch | source %s | pid %d", run_dir,
+                 info.device, info.world_size, job.sgd_batch, job.peak_lr, job.steps_per_epoch, job.source, os.getpid())
     if progress.epoch >= cfg.schedule.epochs:
         log.info("run already finished (%d epochs) in %s; nothing to do", progress.epoch, run_dir)
         return dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
@@ -283,4 +283,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable `mabn.train.main`, not this `__main__` copy: submitit (hydra/launcher=slurm,
+    # local) pickles the task function, by reference only when it lives in an importable module.
+    from mabn.train import main as importable_main
+
+    importable_main()

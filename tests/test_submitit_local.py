@@ -1,0 +1,68 @@
+"""The SLURM path on one machine: a Hydra multirun of two runs through submitit's local executor; one
+run gets submitit's preemption signal mid-run, checkpoints, is requeued by submitit, resumes, and
+ends with the same weights as the same run left alone."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+EPOCHS = 6
+NORMS = ("bn", "mabn")
+
+
+def _settings(root, out):
+    return [f"data.root={root}", "data.generate=null", f"output_root={out}", "data.crop_size=24", "data.val_resize=28",
+            "data.batch_per_gpu=4", "data.workers=0", "model.width=8", "norm.norm_batch=2", f"schedule.epochs={EPOCHS}",
+            "train.progress=false", "train.deterministic=true", "train.checkpoint_minutes=0"]
+
+
+def _run_name(norm):
+    return f"shapes10-resnet18_cpu-{norm}-b2-n4-s0"
+
+
+def _epochs_done(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return sum('"epoch"' in line for line in path.read_text().splitlines()) if path.exists() else 0
+
+
+def _final_weights(run_dir):
+    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(newest, weights_only=True)["model"]
+
+
+@pytest.mark.slow
+def test_local_submitit_multirun_requeues_a_preempted_run_to_the_same_weights(tiny_shapes, tmp_path):
+    for norm in NORMS:  # the reference: each run in one piece
+        out = subprocess.run([sys.executable, "-m", "mabn.train", *_settings(tiny_shapes, tmp_path / "ref"), f"norm={norm}"],
+                             capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+    sweep = subprocess.Popen([sys.executable, "-m", "mabn.train", "-m", "hydra/launcher=local", "hydra.launcher.timeout_min=60",
+                              *_settings(tiny_shapes, tmp_path / "sweep"), f"norm={','.join(NORMS)}"],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    preempted = tmp_path / "sweep" / "train" / _run_name("mabn")
+    deadline = time.monotonic() + 900
+    while _epochs_done(preempted) < 2 and sweep.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _epochs_done(preempted) < EPOCHS, "the run ended before it could be signalled"
+    pid = int(re.search(r"\| pid (\d+)", (preempted / "train.log").read_text()).group(1))
+    os.kill(pid, signal.SIGUSR2)  # what SLURM sends through submitit before a time limit or on preemption
+    output, _ = sweep.communicate(timeout=1800)
+    assert sweep.returncode == 0, output[-3000:]
+
+    for norm in NORMS:
+        run_dir = tmp_path / "sweep" / "train" / _run_name(norm)
+        log = (run_dir / "train.log").read_text()
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["event"] == "finished", log[-2000:]
+        assert [r["epoch"] for r in records if "epoch" in r] == list(range(1, EPOCHS + 1))
+        cut = "stop signal 12" in log and "resumed from" in log
+        assert cut == (norm == "mabn"), log[-2000:]  # only the signalled run was requeued
+        reference = _final_weights(tmp_path / "ref" / "train" / _run_name(norm))
+        for key, value in _final_weights(run_dir).items():
+            assert torch.equal(value, reference[key]), f"{norm}: {key} differs from the uninterrupted run"
