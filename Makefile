@@ -73,7 +73,7 @@ data: $(INSTALLED)
 	$(PY) scripts/make_shapes_dataset.py
 
 test: $(INSTALLED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=10
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -q -m slow
