@@ -7,6 +7,7 @@ after a few steps even when the math is the same; in float64 they agree to ~1e-1
 """
 import copy
 import json
+import math
 import subprocess
 
 import pytest
@@ -146,20 +147,32 @@ def test_compile_mode_is_checked():
         compile_model(nn.Linear(2, 2), mode="fast")
 
 
+def _logged_losses(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tb"))
+    events.Reload()
+    return [e.value for e in events.Scalars("train/loss")]
+
+
 @pytest.mark.slow
-def test_train_compile_true_end_to_end_matches_eager(tiny_shapes, tmp_path):
-    """`python -m mabn.train train.compile=true` with MABN crossing its phases and batch statistics
-    recorded (eager micro-batches in between): the same losses as the eager run."""
-    common = ["norm=mabn", "data.batch_per_gpu=4", "norm.norm_batch=2", "norm.options.warmup=4",
+def test_train_compile_true_end_to_end(tiny_shapes, tmp_path):
+    """`python -m mabn.train train.compile=true` with MABN crossing its phases, batch statistics recorded
+    (eager micro-batches between compiled ones), a checkpoint and an eval each epoch: it trains, and its
+    float32 losses equal the eager run's while MABN is warming up (afterwards float32 trajectories of the
+    two part, see the module docstring; the float64 tests above pin the math through every phase)."""
+    common = ["norm=mabn", "data.batch_per_gpu=8", "norm.norm_batch=4", "model.width=16", "norm.options.warmup=4",
               "norm.options.renorm_start=8", "schedule.epochs=2", "stats.enabled=true", "stats.every=3",
-              "train.deterministic=true"]
-    finals = {}
+              "train.deterministic=true", "train.log_every=1"]
+    runs = {}
     for flag in ("false", "true"):
         out = subprocess.run(train_command(tiny_shapes, tmp_path / flag, *common, f"train.compile={flag}"),
-                             capture_output=True, text=True, timeout=900)
+                             capture_output=True, text=True, timeout=1200)
         assert out.returncode == 0, out.stderr[-3000:]
-        run_dir = tmp_path / flag / "train" / "shapes10-resnet18_cpu-mabn-b2-n4-s0"
-        finals[flag] = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
-    for e, c in zip(finals["false"], finals["true"]):
-        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3)
-        assert abs(c["val_top1_err"] - e["val_top1_err"]) <= 100 / 30 + 1e-9  # at most one of 30 val images
+        run_dir = tmp_path / flag / "train" / "shapes10-resnet18_cpu-mabn-b4-n8-s0"
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert records[-1]["event"] == "finished"
+        runs[flag] = _logged_losses(run_dir)
+    eager, compiled = runs["false"], runs["true"]
+    assert len(compiled) == len(eager) == 20 and all(math.isfinite(v) for v in compiled)
+    assert compiled[:3] == pytest.approx(eager[:3], rel=1e-5)  # forwards 1-3: warmup, before any averaging
