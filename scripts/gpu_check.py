@@ -41,7 +41,7 @@ from mabn.engine import autocast  # noqa: E402
 from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
 from mabn.norms import MABN2d, build_norm  # noqa: E402
-from scripts.bench import bench_norms  # noqa: E402
+from scripts.bench import bench_models, bench_norms  # noqa: E402
 from scripts.bench.common import compare, markdown_table  # noqa: E402
 
 NVIDIA_A100_RN50_AMP = 2470  # img/s, DeepLearningExamples ResNet-50 v1.5, A100 80GB, AMP, batch 256 (published)
@@ -231,7 +231,7 @@ def training_and_resume(check: Check) -> str:
     nondeterministic = sorted({str(w.message).splitlines()[0][:120] for w in caught if "deterministic" in str(w.message)})
     assert all(map(lambda v: v == v and abs(v) != float("inf"), losses)), f"non-finite loss: {losses}"
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
-    assert last < first, f"loss did not fall: first 5 mean {first:.3f}, last 5 mean {last:.3f}"
+    assert last < first, f"loss did not fall: first 3 mean {first:.3f}, last 3 mean {last:.3f}"
     same = resumed == losses[half:]
     check.numbers["training"] = dict(losses=losses, resumed=resumed, bitwise_resume=same)
     assert same, f"resume differs: straight {losses[half:half + 5]} vs resumed {resumed[:5]}"
@@ -286,7 +286,7 @@ def step_speed(check: Check) -> str:
     shape, cuda = resnet_shape(check), check.device.startswith("cuda")
     amp_dtype = torch.float16 if cuda else torch.bfloat16
     rows = []
-    steady = dict(warmup=0, renorm_start=0)  # MABN past its warmup: averages and r on
+    steady = bench_models.STEADY  # MABN past its warmup: averages and r on
     variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn", **steady),
                 "mabn compiled kernels": dict(norm="mabn", kernel="compiled", **steady)}
     compiled = {"bn train.compile": dict(norm="bn"), "mabn train.compile": dict(norm="mabn", **steady)}

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .norms import MABN2d
-from .norms.mabn import read_counter
+from .norms.mabn import read_counter, trust_counter
 
 MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes; reduce-overhead adds CUDA graphs
 
@@ -45,8 +45,7 @@ def compile_model(model: nn.Module, mode: str = "default", backend: str = "induc
         def record_counters(module, args, output):
             # The graph advanced each counter by one; trust the host copy at the buffer's new version.
             for layer, t in zip(layers, coming):
-                buffer = layer.num_batches_tracked
-                layer._host_counters["num_batches_tracked"] = (buffer, buffer._version, t)
+                trust_counter(layer, "num_batches_tracked", t)
             coming.clear()
 
         compiled.register_forward_pre_hook(set_phases)

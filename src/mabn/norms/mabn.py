@@ -32,7 +32,12 @@ def read_counter(layer: nn.Module, name: str) -> int:
     cached = layer._host_counters.get(name)
     if cached is not None and cached[0] is buffer and cached[1] == buffer._version:
         return cached[2]
-    value = int(buffer)
+    return trust_counter(layer, name, int(buffer))
+
+
+def trust_counter(layer: nn.Module, name: str, value: int) -> int:
+    """Record `value` as the host copy of the integer buffer `name` as it is now (see `read_counter`)."""
+    buffer = getattr(layer, name)
     layer._host_counters[name] = (buffer, buffer._version, value)
     return value
 
@@ -40,10 +45,8 @@ def read_counter(layer: nn.Module, name: str) -> int:
 def advance_counter(layer: nn.Module, name: str, by: int) -> int:
     """Add `by` to the integer buffer `name` and return the new value (host copy kept in step)."""
     value = read_counter(layer, name) + by
-    buffer = getattr(layer, name)
-    buffer.add_(by)
-    layer._host_counters[name] = (buffer, buffer._version, value)
-    return value
+    getattr(layer, name).add_(by)
+    return trust_counter(layer, name, value)
 
 
 def ring_position(layer: nn.Module, name: str, by: int, backward: bool = False):
@@ -62,13 +65,14 @@ def ring_position(layer: nn.Module, name: str, by: int, backward: bool = False):
     return seen
 
 
-def push_and_average(ring: torch.Tensor, seen, stats: torch.Tensor, average: str, want_average: bool = True):
-    """Feed the rows of `stats` (G, C) in order into a moving average over `len(ring)` entries,
-    `seen` rows having entered before; updates `ring` in place (the caller advances `seen`).
+def push_and_average(layer: nn.Module, name: str, seen, stats: torch.Tensor, want_average: bool = True,
+                     backward: bool = False):
+    """Feed the rows of `stats` (G, C) in order into the moving average `layer.average` over the ring
+    buffer `name` of `layer` (`window` entries), `seen` rows having entered before; updates the ring
+    (the caller advances `seen`): in place, or under torch.compile through `store_buffer`.
 
     Returns `averaged` (G, C), `averaged[k]` being the moving average right after row k entered, or
-    None when `want_average` is False (warming up: the state advances, nothing is read), and the
-    ring: `ring` itself, written in place, or under torch.compile a new tensor for `store_buffer`.
+    None when `want_average` is False (warming up: the state advances, nothing is read).
 
     sma: `ring` holds the last m rows; slot `seen % m` is the oldest.
     ema: `ring[0]` holds the running value; alpha = 2 / (m + 1), the EMA with the SMA's centre of
@@ -77,12 +81,13 @@ def push_and_average(ring: torch.Tensor, seen, stats: torch.Tensor, average: str
     `seen` is a host int (eager: slots are Python ints) or a 0-d tensor (under torch.compile: the
     same slots as index tensors, so the graph does not depend on its value).
     """
+    ring, average = getattr(layer, name), layer.average
     window, groups = ring.shape[0], stats.shape[0]
     traced = isinstance(seen, torch.Tensor)
     if average == "sma" and groups == 1 and not traced:
         # The window ending at the one new row is the whole ring once the row is written.
         ring[seen % window].copy_(stats[0])
-        return (ring.mean(0, keepdim=True) if want_average else None), ring
+        return ring.mean(0, keepdim=True) if want_average else None
     if average == "sma":
         averaged = None
         if want_average:
@@ -94,10 +99,11 @@ def push_and_average(ring: torch.Tensor, seen, stats: torch.Tensor, average: str
             averaged = history.unfold(0, window, 1)[1:].mean(-1)  # window ending at each new row
         kept = min(groups, window)
         if traced:
-            ring = ring.index_copy(0, (seen + torch.arange(groups - kept, groups, device=ring.device)) % window, stats[-kept:])
+            slots = (seen + torch.arange(groups - kept, groups, device=ring.device)) % window
+            store_buffer(layer, name, ring.index_copy(0, slots, stats[-kept:]), backward)
         else:
             ring[[(seen + k) % window for k in range(groups - kept, groups)]] = stats[-kept:]
-        return averaged, ring
+        return averaged
     if average == "ema":
         alpha = 2.0 / (window + 1)
         previous = torch.where(seen == 0, stats[0], ring[0]) if traced else (stats[0] if seen == 0 else ring[0])
@@ -107,10 +113,10 @@ def push_and_average(ring: torch.Tensor, seen, stats: torch.Tensor, average: str
         decay = ((1 - alpha) ** (steps + 1))[:, None]
         averaged = decay * previous + weights @ stats
         if traced:
-            ring = torch.cat([averaged[-1:], ring[1:]])
+            store_buffer(layer, name, torch.cat([averaged[-1:], ring[1:]]), backward)
         else:
             ring[0] = averaged[-1]
-        return (averaged if want_average else None), ring
+        return averaged if want_average else None
     raise ValueError(f"unknown moving average '{average}'; valid: {', '.join(AVERAGES)}")
 
 
@@ -181,10 +187,8 @@ class MABNFunction(torch.autograd.Function):
         sum_dy, sum_dy_x = grad_sums(dy, groups)  # (G, C) each
         psi = scale * sum_dy_x / count  # mean over the group of g z, g = dL/dy gamma r
         seen = ring_position(layer, "psi_seen", psi.shape[0], backward=True)
-        averaged, ring = push_and_average(layer.psi_ring, seen, psi, layer.average,
-                                          want_average=ctx.warm and layer.average_backward)
-        if ring is not layer.psi_ring:
-            store_buffer(layer, "psi_ring", ring, backward=True)
+        averaged = push_and_average(layer, "psi_ring", seen, psi, want_average=ctx.warm and layer.average_backward,
+                                    backward=True)
         mean_gz = moving_or_current(psi, averaged, seen, layer.window)
         b = groups.shape[1]
         grad_x = grad_input(grad_out.to(dtype), x.to(dtype), per_sample(scale, b),
@@ -248,7 +252,7 @@ class MABN2d(nn.Module):
         self.register_buffer("psi_seen", torch.tensor(0, dtype=torch.long))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
         self._host_counters: dict = {}  # see read_counter
-        self.compiled_phase: tuple[bool, bool] | None = None  # set by mabn.compile.MABNPhases, see forward
+        self.compiled_phase: tuple[bool, bool] | None = None  # set by mabn.compile.compile_model's hooks, see forward
 
     def phase_at(self, t: int) -> tuple[bool, bool]:
         """(moving averages on, r on) for the t-th training forward (t from 1)."""
@@ -274,9 +278,7 @@ class MABN2d(nn.Module):
             groups = group_view(self, x, self.norm_batch).to(torch.promote_types(x.dtype, torch.float32))  # x^2 overflows in half
             chi = second_moment(groups)  # (G, C)
             seen = ring_position(self, "chi_seen", chi.shape[0])
-            averaged, ring = push_and_average(self.chi_ring, seen, chi, self.average, want_average=warm and self.average_forward)
-            if ring is not self.chi_ring:
-                store_buffer(self, "chi_ring", ring)
+            averaged = push_and_average(self, "chi_ring", seen, chi, want_average=warm and self.average_forward)
             var = moving_or_current(chi, averaged, seen, self.window)
             var_eps = var + self.eps
             inv_std = var_eps.rsqrt()
