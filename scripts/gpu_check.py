@@ -79,6 +79,10 @@ class Check:
         self.sections.append(f"## {title}\n\n{text}\n({seconds:.0f} s)\n")
         self.summary.append([title, result, f"{seconds:.0f} s"])
 
+    def timing(self, min_run_time: float = 1.0) -> dict:
+        """`compare` settings: three rounds on the device; the dry run only proves the code runs."""
+        return dict(rounds=1, min_run_time=0.05) if self.dry else dict(rounds=3, min_run_time=min_run_time)
+
     def sync(self) -> None:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
@@ -309,7 +313,7 @@ def step_speed(check: Check) -> str:
                 net = compile_model(net)  # compiled by compare's warm-up call
 
             fns[name] = lambda net=net, opt=opt, scaler=scaler, x=x, y=y: amp_step(net, opt, scaler, x, y, check.device)
-        times = compare(fns, check.device, rounds=2 if check.dry else 3, min_run_time=0.2 if check.dry else 1.0)
+        times = compare(fns, check.device, **check.timing())
         for name, t in times.items():
             rows.append([str(batch), name, f"{batch / t:.1f}", f"{t / times['bn']:.2f}"])
             check.numbers[f"step_{name.replace(' ', '_')}_n{batch}_over_bn"] = t / times["bn"]
@@ -329,7 +333,7 @@ def bn_throughput(check: Check) -> str:
     x = torch.randn(batch, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=check.device)
 
-    t = compare({"bn": lambda: amp_step(net, opt, scaler, x, y, check.device)}, check.device, rounds=3, min_run_time=0.3 if check.dry else 2.0)["bn"]
+    t = compare({"bn": lambda: amp_step(net, opt, scaler, x, y, check.device)}, check.device, **check.timing(2.0))["bn"]
     rate = batch / t
     check.numbers["bn_b256_img_per_s"] = rate
     return (f"{shape['arch']} BN, batch {batch}, AMP + channels_last: **{rate:.0f} img/s** "
@@ -349,8 +353,7 @@ def inference_speed(check: Check) -> str:
     nets["bn"] = fold_norms(nets["bn"])
     nets["mabn folded"] = fold_norms(nets.pop("mabn"))
     with torch.no_grad():
-        times = compare({k: (lambda net=net: net(x)) for k, net in nets.items()}, check.device, rounds=2 if check.dry else 3,
-                        min_run_time=0.2 if check.dry else 1.0)
+        times = compare({k: (lambda net=net: net(x)) for k, net in nets.items()}, check.device, **check.timing())
     rows = []
     for name, t in times.items():
         paper = PAPER_INFERENCE[name]

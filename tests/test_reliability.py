@@ -1,5 +1,6 @@
 """Exact resume after SIGKILL, checkpoint fallback, preemption, NaN guard, and every bad input's one line."""
 import json
+import os
 import random
 import shutil
 import signal
@@ -51,16 +52,21 @@ def _wait_for_checkpoint(out, step, proc, timeout=120):
 
 @pytest.mark.parametrize("norm", list(NORM_SETTINGS))
 def test_sigkill_at_random_step_then_resume_is_bitwise_identical(tiny_shapes, tmp_path, norm):
-    straight = subprocess.run(_cmd(tiny_shapes, tmp_path / "straight", norm), capture_output=True, text=True, timeout=300)
-    assert straight.returncode == 0, straight.stderr[-2000:]
-
+    # The uninterrupted run trains while the other is killed and resumed: one thread each, so that two
+    # processes share two cores without oversubscribing them.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.Popen(_cmd(tiny_shapes, tmp_path / "straight", norm), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
     kill_after = random.Random().randint(2, 30)  # 40 steps in all
-    proc = subprocess.Popen(_cmd(tiny_shapes, tmp_path / "killed", norm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(tiny_shapes, tmp_path / "killed", norm), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     _wait_for_checkpoint(tmp_path / "killed", kill_after, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed = subprocess.run(_cmd(tiny_shapes, tmp_path / "killed", norm), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(_cmd(tiny_shapes, tmp_path / "killed", norm), capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-2000:]
 
     a, b = _final_state(tmp_path / "straight"), _final_state(tmp_path / "killed")
     assert a["progress"]["step"] == 40

@@ -36,7 +36,7 @@ def candidates(shape, device, compiled: bool):
 def run(device: str, quick: bool = False, compiled: bool = True) -> tuple[str, dict]:
     rows, worst = [], 0.0
     for shape in SHAPES[1:] if quick else SHAPES:
-        times = compare(candidates(shape, device, compiled), device, rounds=2 if quick else 5)
+        times = compare(candidates(shape, device, compiled), device, rounds=1 if quick else 5, min_run_time=0.05 if quick else 0.3)
         base = times["bn"]
         for name, t in times.items():
             rows.append(["x".join(map(str, shape)), name, f"{t * 1e3:.2f}", f"{t / base:.2f}"])
