@@ -89,9 +89,11 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
 def test_keeps_only_the_last_k_and_leaves_no_temp_files(tmp_path):
     checkpoints = CheckpointDir(tmp_path, keep=2)
     for step in range(1, 6):
-        checkpoints.save({"model": {}, "config": ""}, step, is_best=step == 3)
+        checkpoints.save({"model": {"w": torch.tensor(step)}, "config": ""}, step, is_best=step in (1, 3))
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["best.pt", "step-00000004.pt", "step-00000005.pt"]
+    # best.pt is a link to step 3's file, not a second write, and outlives that file's rotation
+    assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["model"]["w"] == 3
 
 
 def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_shapes, tmp_path):

@@ -36,6 +36,19 @@ def atomic_save(obj, path: pathlib.Path) -> None:
         os.close(dir_fd)
 
 
+def link_or_save(source: pathlib.Path, path: pathlib.Path, state: dict) -> None:
+    """`path` becomes a hard link to the checkpoint just written (no second write of a model-sized file);
+    atomically, by renaming a fresh link over it. Where links are not allowed, it is saved again."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.link(source, tmp)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_save(state, path)
+
+
 def rng_state() -> dict:
     mt_name, mt_keys, mt_pos, has_gauss, gauss = np.random.get_state()
     return {
@@ -78,7 +91,7 @@ class CheckpointDir:
         path = self.dir / f"step-{step:08d}.pt"
         atomic_save(state, path)
         if is_best:
-            atomic_save(state, self.dir / "best.pt")
+            link_or_save(path, self.dir / "best.pt", state)
         for old in self.step_files()[self.keep :]:
             old.unlink(missing_ok=True)
         return path
