@@ -1,5 +1,6 @@
 """End to end: a tiny training run writes events, metrics and checkpoints; bad input fails early in one line."""
 import json
+import re
 import subprocess
 
 import pytest
@@ -17,6 +18,8 @@ def test_tiny_run_writes_events_metrics_and_checkpoints(tiny_shapes, tmp_path, n
     out = _run(train_command(tiny_shapes, tmp_path, f"norm={norm}", "data.batch_per_gpu=4", "norm.norm_batch=2",
                              "schedule.epochs=2", "train.log_every=1"))
     assert out.returncode == 0, out.stderr[-3000:]
+    started = re.findall(r"first training step done ([0-9.]+) s after the process started", out.stdout)
+    assert len(started) == 1 and 0 < float(started[0]) < 300, out.stdout[-2000:]
     run_dir = tmp_path / "train" / f"shapes10-resnet18_cpu-{norm}-b2-n4-s0"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if "epoch" in r]

@@ -103,6 +103,18 @@ class LatestLoss:
         return self.value
 
 
+def process_age() -> float:
+    """Seconds since this process started (Linux: /proc), imports included; NaN where /proc is missing."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+
+
 def agree(finite: torch.Tensor, stop: bool, due: bool, info: DistInfo) -> tuple[int, bool, bool]:
     """(ranks whose loss is finite, stop, checkpoint due) agreed by every rank, in one collective and one host sync.
 
@@ -196,6 +208,10 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
                 job.optimizer.zero_grad(set_to_none=True)
             window_bad = False
             progress.step += 1
+            if info.is_main and not job.first_step_done:
+                # Start-up (file index, loader workers, model) is what grows with the dataset: say what it cost.
+                log.info("first training step done %.1f s after the process started", process_age())
+            job.first_step_done = True
             if info.is_main and progress.step % cfg.train.log_every == 0:
                 job.log_train_scalars(progress.step, latest.read(), images, time.perf_counter() - started)
             every = cfg.train.checkpoint_every_steps

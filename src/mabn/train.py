@@ -116,6 +116,7 @@ class Job:
         if self.writer is not None:
             self._write_hparams()
         self.batch_stats = None
+        self.first_step_done = False  # this process's first optimizer step is logged with its start-up time
         if cfg.stats.enabled and info.is_main:
             layers = select_layers(net, list(cfg.stats.layers) if cfg.stats.layers else None)
             self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, self.writer, run_dir / "batch_stats.jsonl")
