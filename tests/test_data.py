@@ -1,6 +1,7 @@
 """Both loaders on generated trees: same labels, batches, shards and augmentation; preparation scripts."""
 import collections
 import logging
+import pathlib
 import subprocess
 import sys
 
@@ -40,6 +41,31 @@ def test_both_loaders_agree_on_classes_batches_and_order(tiny_shapes):
     for epoch in (0, 1):  # same shuffled order each epoch, and a new one per epoch
         assert epoch_labels(tv, epoch) == epoch_labels(dali, epoch)
     assert epoch_labels(tv, 0) != epoch_labels(tv, 1)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_a_resumed_epoch_continues_the_same_order(tiny_shapes, loader):
+    loaders = build_loaders(data_cfg(tiny_shapes, loader=loader), 0, 1, seed=3)
+    whole = epoch_labels(loaders, 1)
+    loaders.set_epoch(1, start_batch=3)
+    assert [y.tolist() for _, y, _ in loaders.train] == whole[3:]
+    assert epoch_labels(loaders, 2) != whole  # and the next epoch starts from its first batch, reshuffled
+    assert len(epoch_labels(loaders, 2)) == loaders.train_batches
+
+
+def test_worker_processes_give_the_batches_of_the_main_process_bitwise(tiny_shapes):
+    """Workers reseed their own generator per sample; the main process (workers=0) restores the training's."""
+    batches = {}
+    for workers in (0, 2):
+        loaders = build_loaders(data_cfg(tiny_shapes, workers=workers, lighting_std=0.1), 0, 1, seed=3)
+        loaders.set_epoch(1)
+        torch.manual_seed(0)
+        batches[workers] = [x for x, _, _ in loaders.train][:3]
+        if workers == 0:  # the training's random stream is where it was
+            drawn = torch.rand(4)
+            torch.manual_seed(0)
+            assert torch.equal(drawn, torch.rand(4))
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
 
 
 @pytest.mark.parametrize("loader", LOADERS)
@@ -105,6 +131,10 @@ def test_file_index_lists_what_imagefolder_lists_in_arrays_and_is_cached_until_t
     index = load_index(split, classes, cache_dir=tmp_path / "cache")
     assert [index[i] for i in range(len(index))] == [(p, label) for p, label in ImageFolder(split).samples]
     assert isinstance(index.blob, np.ndarray) and isinstance(index.labels, np.ndarray)  # no per-file Python objects
+    # DALI's reader gets the sampler's order as `<relative path> <label>` lines
+    assert index.file_list([5, 0]).decode().splitlines() == [
+        f"{pathlib.Path(index.path(i)).relative_to(split)} {index.labels[i]}" for i in (5, 0)]
+    assert not index.has_whitespace_in_paths()
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
     def no_walk(*args, **kwargs):
@@ -144,6 +174,18 @@ def test_same_seed_same_augmentation_whatever_the_worker(tiny_shapes):
     torch.rand(10)  # global RNG state must not matter
     b = ds[(5, 777)][0]
     assert torch.equal(a, b) and not torch.equal(a, ds[(5, 778)][0])
+
+
+def test_dali_refuses_file_names_its_file_list_cannot_hold(tiny_shapes, tmp_path):
+    import shutil
+
+    from mabn.data import DatasetError
+
+    shutil.copytree(tiny_shapes, tmp_path / "data")
+    victim = sorted((tmp_path / "data" / "val").rglob("*.JPEG"))[0]
+    victim.rename(victim.with_name("a copy.JPEG"))
+    with pytest.raises(DatasetError, match="whitespace.*data.loader=torchvision"):
+        build_loaders(data_cfg(tmp_path / "data", loader="dali"), 0, 1)
 
 
 def test_dali_unavailable_falls_back_with_a_warning(tiny_shapes, monkeypatch, caplog):

@@ -37,6 +37,16 @@ class FileIndex:
     def __getitem__(self, i: int) -> tuple[str, int]:
         return self.path(i), int(self.labels[i])
 
+    def file_list(self, indices) -> bytes:
+        """`<path relative to root> <label>` lines for `indices`, in that order: a reader's file list (DALI)."""
+        blob, offsets = self.blob.tobytes(), self.offsets.tolist()
+        suffix = [f" {label}\n".encode() for label in range(len(self.classes))]
+        labels = self.labels.tolist()
+        return b"".join(blob[offsets[i]:offsets[i + 1]] + suffix[labels[i]] for i in indices)
+
+    def has_whitespace_in_paths(self) -> bool:
+        return bool(np.isin(self.blob, np.frombuffer(b" \t\n\r", dtype=np.uint8)).any())
+
     @classmethod
     def scan(cls, split_dir: pathlib.Path, classes: list[str]) -> "FileIndex":
         """Walk the split as ImageFolder does: classes in order, files sorted, image extensions only."""
@@ -71,7 +81,7 @@ def load_index(split_dir: str | os.PathLike, classes: list[str], cache_dir: str 
         cache_dir.mkdir(parents=True, exist_ok=True)
     except OSError:
         return FileIndex.scan(split_dir, classes)  # read-only place: scan, as ImageFolder would
-    cache = cache_dir / (hashlib.sha1(str(split_dir.resolve()).encode()).hexdigest()[:16] + ".npz")
+    cache = cache_file(split_dir, cache_dir)
     with open(cache.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be writing it: wait, then read its result
         index = _read(cache, split_dir, classes, sig)
@@ -81,6 +91,12 @@ def load_index(split_dir: str | os.PathLike, classes: list[str], cache_dir: str 
             np.savez(staging, blob=index.blob, offsets=index.offsets, labels=index.labels, signature=np.array(sig))
             os.replace(staging, cache)
     return index
+
+
+def cache_file(split_dir: str | os.PathLike, cache_dir: str | os.PathLike = ".cache/index") -> pathlib.Path:
+    """Where `load_index` keeps the index of `split_dir` (one file per folder, whatever its contents)."""
+    key = hashlib.sha1(str(pathlib.Path(split_dir).resolve()).encode()).hexdigest()[:16]
+    return pathlib.Path(cache_dir) / (key + ".npz")
 
 
 def _read(cache: pathlib.Path, split_dir: pathlib.Path, classes: list[str], sig: str) -> FileIndex | None:
@@ -95,4 +111,4 @@ def _read(cache: pathlib.Path, split_dir: pathlib.Path, classes: list[str], sig:
         return None
 
 
-__all__ = ["FileIndex", "load_index"]
+__all__ = ["FileIndex", "cache_file", "load_index"]

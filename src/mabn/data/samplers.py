@@ -19,8 +19,12 @@ class TrainSampler(Sampler):
         self.epoch, self.start = epoch, start
         self.shards.set_epoch(epoch)
 
+    def indices(self) -> list[int]:
+        """This epoch's sample indices on this rank, from the start position on."""
+        return list(self.shards)[self.start :]
+
     def __iter__(self):
-        for index in list(self.shards)[self.start :]:
+        for index in self.indices():
             yield index, sample_seed(self.seed, self.epoch, index)
 
     def __len__(self) -> int:
