@@ -49,7 +49,7 @@ def main() -> int:
         numbers.update(values)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = "gpu" if args.device.startswith("cuda") else "cpu"
+    suffix = ("gpu" if args.device.startswith("cuda") else "cpu") + (f"_{args.only}" if args.only else "")  # a part never overwrites the whole report
     (out / f"bench_{suffix}.md").write_text("\n".join(report))
     (out / f"bench_{suffix}.json").write_text(json.dumps(numbers, indent=1))
     print("\n".join(report))
