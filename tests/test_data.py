@@ -150,6 +150,25 @@ def test_file_index_lists_what_imagefolder_lists_in_arrays_and_is_cached_until_t
     assert [grown[i] for i in range(len(grown))] == [(p, label) for p, label in ImageFolder(split).samples]
 
 
+def test_file_index_walks_nested_and_linked_folders_as_imagefolder_does(tiny_shapes, tmp_path):
+    import shutil
+
+    from torchvision.datasets import ImageFolder
+
+    split = tmp_path / "train"
+    shutil.copytree(tiny_shapes / "train", split)
+    classes = class_names(split)
+    first = sorted((split / classes[0]).iterdir())
+    (split / classes[0] / "nested" / "deeper").mkdir(parents=True)
+    shutil.copy(first[0], split / classes[0] / "nested" / "deeper" / "a.jpeg")
+    shutil.copy(first[1], split / classes[0] / "nested" / "B.PNG.notes")  # not an image: left out
+    (split / classes[1] / "linked").symlink_to(split / classes[0] / "nested")  # a linked folder is followed
+    (split / classes[2] / "link.JPEG").symlink_to(first[2])  # a linked image is an image
+    index = FileIndex.scan(split, classes)
+    assert [index[i] for i in range(len(index))] == [(p, label) for p, label in ImageFolder(split).samples]
+    assert any("linked/deeper/a.jpeg" in index.path(i) for i in range(len(index)))
+
+
 def test_unreadable_train_image_is_replaced_and_counted(tiny_shapes, tmp_path):
     import shutil
 

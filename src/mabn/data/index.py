@@ -49,21 +49,40 @@ class FileIndex:
 
     @classmethod
     def scan(cls, split_dir: pathlib.Path, classes: list[str]) -> "FileIndex":
-        """Walk the split as ImageFolder does: classes in order, files sorted, image extensions only."""
+        """List the split as ImageFolder does: classes in order, folders in sorted order, files sorted,
+        image extensions only, links followed."""
         split_dir = pathlib.Path(split_dir)
         names, labels = [], []
         for label, name in enumerate(classes):
-            class_dir = split_dir / name
-            for dirpath, _, files in sorted(os.walk(class_dir, followlinks=True)):
+            for dirpath, files in sorted(_walk(str(split_dir / name))):
                 rel = os.path.relpath(dirpath, split_dir)
                 for file in sorted(files):
-                    if file.lower().endswith(IMG_EXTENSIONS):
-                        names.append(os.path.join(rel, file).encode())
-                        labels.append(label)
+                    names.append(os.path.join(rel, file).encode())
+                    labels.append(label)
         offsets = np.zeros(len(names) + 1, dtype=np.int64)
         np.cumsum([len(n) for n in names], out=offsets[1:])
         blob = np.frombuffer(b"".join(names), dtype=np.uint8).copy()
         return cls(split_dir, classes, blob, offsets, np.asarray(labels, dtype=np.int32))
+
+
+def _walk(top: str):
+    """`(folder, image file names)` for `top` and every folder below it, links followed, as os.walk yields them.
+
+    Unlike os.walk, an entry named like an image is taken for a file without asking the file system: os.walk
+    stats every link to learn whether it is a folder, one system call per image in a tree of links."""
+    try:
+        entries = list(os.scandir(top))
+    except OSError:  # os.walk skips unreadable folders too
+        return
+    files, folders = [], []
+    for entry in entries:
+        if entry.name.lower().endswith(IMG_EXTENSIONS):
+            files.append(entry.name)
+        elif entry.is_dir():
+            folders.append(entry.path)
+    yield top, files
+    for folder in folders:
+        yield from _walk(folder)
 
 
 def signature(split_dir: pathlib.Path, classes: list[str]) -> str:
