@@ -26,17 +26,16 @@ from omegaconf import OmegaConf
 from mabn.checkpoint import atomic_save
 from mabn.data import build_loaders
 from mabn.data.folder import class_names
-from mabn.data.index import FileIndex, cache_file, load_index
+from mabn.data.index import CACHE_DIR, FileIndex, cache_file, load_index
 from mabn.data.samplers import EvalSampler
 from mabn.distributed import DistInfo
-from mabn.engine import evaluate
+from mabn.engine import FIRST_STEP, evaluate
 from mabn.models import resnet50
 
 from .common import markdown_table
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"
-FIRST_STEP = "first training step done"
 
 
 def fake_imagenet(quick: bool) -> pathlib.Path:
@@ -149,7 +148,7 @@ def start_up(root: pathlib.Path, quick: bool) -> tuple[str, dict]:
         for loader, procs, index in cases:
             if index == "cold":  # the cache the trainer uses (.cache/index beside the checkout)
                 for split in ("train", "val"):
-                    cache_file(root / split, ROOT / ".cache" / "index").unlink(missing_ok=True)
+                    cache_file(root / split, ROOT / CACHE_DIR).unlink(missing_ok=True)
             seconds = first_step_seconds(root, loader, procs, pathlib.Path(tmp) / f"{loader}-{procs}-{index}", quick)
             rows.append([loader, str(procs), index, f"{seconds:.1f}"])
             numbers[f"first_step_{loader}_{procs}procs_{index}_s"] = seconds

@@ -19,6 +19,7 @@ from .distributed import (
 )
 
 log = logging.getLogger(__name__)
+FIRST_STEP = "first training step done"  # the log line that times start-up (scripts/bench/bench_scale.py waits for it)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -210,7 +211,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
             progress.step += 1
             if info.is_main and not job.first_step_done:
                 # Start-up (file index, loader workers, model) is what grows with the dataset: say what it cost.
-                log.info("first training step done %.1f s after the process started", process_age())
+                log.info("%s %.1f s after the process started", FIRST_STEP, process_age())
             job.first_step_done = True
             if info.is_main and progress.step % cfg.train.log_every == 0:
                 job.log_train_scalars(progress.step, latest.read(), images, time.perf_counter() - started)

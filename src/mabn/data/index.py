@@ -18,6 +18,7 @@ import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 INDEX_VERSION = 1
+CACHE_DIR = ".cache/index"  # relative to where training starts (the checkout, for make train)
 
 
 class FileIndex:
@@ -91,7 +92,7 @@ def signature(split_dir: pathlib.Path, classes: list[str]) -> str:
     return json.dumps([INDEX_VERSION, str(split_dir.resolve()), classes, stamps])
 
 
-def load_index(split_dir: str | os.PathLike, classes: list[str], cache_dir: str | os.PathLike = ".cache/index") -> FileIndex:
+def load_index(split_dir: str | os.PathLike, classes: list[str], cache_dir: str | os.PathLike = CACHE_DIR) -> FileIndex:
     """The split's FileIndex from the cache when it is current, else scanned (once, under a lock) and cached."""
     split_dir = pathlib.Path(split_dir)
     sig = signature(split_dir, classes)
@@ -112,7 +113,7 @@ def load_index(split_dir: str | os.PathLike, classes: list[str], cache_dir: str 
     return index
 
 
-def cache_file(split_dir: str | os.PathLike, cache_dir: str | os.PathLike = ".cache/index") -> pathlib.Path:
+def cache_file(split_dir: str | os.PathLike, cache_dir: str | os.PathLike = CACHE_DIR) -> pathlib.Path:
     """Where `load_index` keeps the index of `split_dir` (one file per folder, whatever its contents)."""
     key = hashlib.sha1(str(pathlib.Path(split_dir).resolve()).encode()).hexdigest()[:16]
     return pathlib.Path(cache_dir) / (key + ".npz")
