@@ -1,9 +1,13 @@
 """Checkpoints: atomic writes, the last K kept plus the best, and loading that falls back past a bad file.
 
+A run resumed from a checkpoint also rewinds its line records (`rewind_records`): what a killed
+process wrote after its last checkpoint is written again by the resumed one, so it is dropped.
+
 A checkpoint is a plain dict of tensors and Python values (so `torch.load(weights_only=True)`
 reads it): model, optimizer, AMP scaler, RNG states, epoch and batch position, and the run's
 config as YAML.
 """
+import json
 import logging
 import os
 import pathlib
@@ -19,11 +23,14 @@ STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
 def atomic_save(obj, path: pathlib.Path) -> None:
     """Write to a temp file in the same folder, fsync, rename over `path`: a reader never sees half a file."""
-    path = pathlib.Path(path)
+    _atomic_write(pathlib.Path(path), lambda f: torch.save(obj, f))
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -34,6 +41,27 @@ def atomic_save(obj, path: pathlib.Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def rewind_records(path: pathlib.Path, keep) -> int:
+    """Drop the JSON lines of `path` for which `keep(record)` is false (atomically); returns how many.
+
+    A line cut short by a kill is dropped too: it cannot be read, and the resumed run writes it again."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return 0
+    lines = path.read_bytes().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and line.endswith(b"\n") and _keeps(keep, line)]
+    if len(kept) != len(lines):
+        _atomic_write(path, lambda f: f.writelines(kept))
+    return len(lines) - len(kept)
+
+
+def _keeps(keep, line: bytes) -> bool:
+    try:
+        return bool(keep(json.loads(line)))
+    except ValueError:
+        return False
 
 
 def link_or_save(source: pathlib.Path, path: pathlib.Path, state: dict) -> None:

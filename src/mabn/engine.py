@@ -36,6 +36,12 @@ class Progress:
     best_top1_err: float = math.inf
     skipped_nonfinite: int = 0
     last_checkpoint: str | None = None
+    # This epoch's summed loss and loss count (over ranks) before `batch`: a resumed epoch's mean covers all of it.
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+
+    def next_epoch(self) -> None:
+        self.epoch, self.batch, self.epoch_loss_sum, self.epoch_loss_count = self.epoch + 1, 0, 0.0, 0
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -155,7 +161,13 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
         initial=progress.batch, disable=not (info.is_main and cfg.train.progress),
         desc=f"epoch {progress.epoch + 1}/{cfg.schedule.epochs}", unit="batch", dynamic_ncols=True,
     )
-    loss_sum, loss_count, images, skipped_images, data_time = torch.zeros((), device=info.device), 0, 0, 0, 0.0
+    # float64: an epoch's sum of float32 losses is then exact, so a resumed epoch's mean is the uninterrupted one's.
+    loss_sum, loss_count, images, skipped_images, data_time = torch.zeros((), device=info.device, dtype=torch.float64), 0, 0, 0, 0.0
+    resumed_sum, resumed_count = progress.epoch_loss_sum, progress.epoch_loss_count
+
+    def epoch_loss() -> tuple[float, int]:  # this epoch's loss sum and count over ranks (a collective, one sync)
+        return resumed_sum + all_reduce_sum(loss_sum.clone(), info).item(), resumed_count + loss_count * info.world_size
+
     window_bad, started = False, time.perf_counter()
     last_ckpt_time, tick = time.monotonic(), time.perf_counter()
     latest = LatestLoss(info.device)
@@ -192,7 +204,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
                 window_bad = _handle_nonfinite(job, progress, loss)
             else:
                 job.scaler.scale(loss / accum).backward()
-                loss_sum += loss.detach()
+                loss_sum += loss.detach().double()
                 loss_count += 1
                 latest.push(loss)
         if recording:
@@ -217,6 +229,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
                 job.log_train_scalars(progress.step, latest.read(), images, time.perf_counter() - started)
             every = cfg.train.checkpoint_every_steps
             if stopping or due or (every and progress.step % every == 0):
+                progress.epoch_loss_sum, progress.epoch_loss_count = epoch_loss()
                 job.save_checkpoint(progress)
                 last_ckpt_time = time.monotonic()
                 if stopping:
@@ -240,7 +253,8 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
         )
     if skipped_images:
         log.warning("epoch %d: skipped %d unreadable images", progress.epoch + 1, skipped_images)
-    mean_loss = (all_reduce_sum(loss_sum.float(), info) / max(1, loss_count * info.world_size)).item()
+    total, count = epoch_loss()
+    mean_loss = total / max(1, count)
     return dict(
         stopped=False, train_loss=mean_loss, images_per_sec=images * info.world_size / max(elapsed, 1e-9),
         data_time_frac=data_time / max(elapsed, 1e-9), skipped_images=skipped_images,

@@ -6,6 +6,7 @@ dir's last good checkpoint, then trains and evaluates epoch by epoch, logging to
 """
 import json
 import logging
+import math
 import os
 import pathlib
 import random
@@ -110,11 +111,9 @@ class Job:
         self.schedule = LRSchedule(self.peak_lr, self.steps_per_epoch, cfg.schedule)
         self.scaler = torch.amp.GradScaler("cuda", enabled=cfg.train.amp and info.device.startswith("cuda"))
         self.checkpoints = ckpt.CheckpointDir(run_dir, cfg.train.checkpoint_keep)
-        self.writer = SummaryWriter(str(run_dir / "tb")) if info.is_main else None
+        self.writer = None  # opened by open_logs, once the run knows the step it resumes from
         self.metrics_path = run_dir / "metrics.jsonl"
         self.source = source_version()
-        if self.writer is not None:
-            self._write_hparams()
         self.batch_stats = None
         self.first_step_done = False  # this process's first optimizer step is logged with its start-up time
         if cfg.stats.enabled and info.is_main:
@@ -122,6 +121,22 @@ class Job:
             self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, self.writer, run_dir / "batch_stats.jsonl")
 
     # -- logging --------------------------------------------------------------------------------
+    def open_logs(self, progress: Progress) -> None:
+        """Open the logs where `progress` (fresh or resumed) stands: what a killed process logged after its
+        last checkpoint is redone by this one, so it is dropped from metrics.jsonl (epochs not in the
+        checkpoint) and batch_stats.jsonl (iterations from `progress.step` on) and purged from TensorBoard
+        (its own mechanism: events of later steps than the checkpoint's are hidden)."""
+        if not self.info.is_main:
+            return
+        ckpt.rewind_records(self.metrics_path, lambda r: r.get("epoch", math.inf) <= progress.epoch)
+        if self.batch_stats is not None:
+            ckpt.rewind_records(self.batch_stats.path, lambda r: r["step"] < progress.step)
+        # train/* and val/* are logged at the step count after an iteration, so the checkpoint's own step stays.
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=progress.step + 1 if progress.step else None)
+        self._write_hparams()
+        if self.batch_stats is not None:
+            self.batch_stats.writer = self.writer
+
     def hparams(self) -> dict:
         """What distinguishes this run in a comparison (TensorBoard HParams, result tables)."""
         cfg = self.cfg
@@ -231,6 +246,7 @@ def run(cfg: DictConfig) -> dict:
     if progress.epoch >= cfg.schedule.epochs:
         log.info("run already finished (%d epochs) in %s; nothing to do", progress.epoch, run_dir)
         return dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
+    job.open_logs(progress)
     stop = StopSignal().install()
     try:
         while progress.epoch < cfg.schedule.epochs:
@@ -250,7 +266,7 @@ def run(cfg: DictConfig) -> dict:
                           lr=job.optimizer.param_groups[0]["lr"],
                           **{k: v for k, v in train_stats.items() if k != "stopped"}, **val_stats,
                           epoch_seconds=time.time() - started, source=job.source)
-            progress.epoch, progress.batch = progress.epoch + 1, 0
+            progress.next_epoch()
             job.log_epoch(record)
             job.save_checkpoint(progress, is_best=is_best)
             if info.is_main:
