@@ -131,8 +131,9 @@ class Job:
         ckpt.rewind_records(self.metrics_path, lambda r: r.get("epoch", math.inf) <= progress.epoch)
         if self.batch_stats is not None:
             ckpt.rewind_records(self.batch_stats.path, lambda r: r["step"] < progress.step)
-        # train/* and val/* are logged at the step count after an iteration, so the checkpoint's own step stays.
-        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=progress.step + 1 if progress.step else None)
+        # train/* and val/* are logged at the step count after an iteration, so the checkpoint's own step stays
+        # (a fresh start purges too: an attempt killed before its first checkpoint logged steps it will log again).
+        self.writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=progress.step + 1)
         self._write_hparams()
         if self.batch_stats is not None:
             self.batch_stats.writer = self.writer
