@@ -5,8 +5,8 @@
   python scripts/repro.py --only figure --seeds 0  # one part of it
   python scripts/repro.py --list                   # what would run, and what is done already
 
-The plan, in the order it runs (every part with every seed, seed-major, so a stopped sweep has the
-figure's first seed complete before anything else):
+The plan, in the order it runs (part by part, each with every seed, so a stopped sweep has the figure's
+seeds, and so MABN's spread over seeds, before the real batch and the ablations):
   figure     BN, BRN and MABN at normalization batch b = 32, 16, 8, 4, 2 inside N = 32 (ghost batches)
              and GN once (batch independent; first seed only)
   real_b2    BN and MABN at a real per-process batch of 2, gradients accumulated over 16 micro-batches
@@ -43,15 +43,17 @@ RECORDS = (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "batc
 def planned_runs(parts: list[str], seeds: list[int]) -> list[list[str]]:
     """Overrides of every run of the plan (except `third`, decided from results), in run order."""
     runs = []
-    for seed in seeds:
-        if "figure" in parts:
+    if "figure" in parts:
+        for seed in seeds:
             for b in FIGURE_BATCHES:
                 runs += [[f"norm={norm}", f"norm.norm_batch={b}", f"seed={seed}"] for norm in ("mabn", "bn", "brn")]
             if seed == seeds[0]:
                 runs.append(["norm=gn", f"seed={seed}"])
-        if "real_b2" in parts:
-            runs += [[f"norm={norm}", "data.batch_per_gpu=2", "train.grad_accum=16", f"seed={seed}"] for norm in ("mabn", "bn")]
-        if "ablations" in parts:
+    if "real_b2" in parts:
+        runs += [[f"norm={norm}", "data.batch_per_gpu=2", "train.grad_accum=16", f"seed={seed}"]
+                 for seed in seeds for norm in ("mabn", "bn")]
+    if "ablations" in parts:
+        for seed in seeds:
             runs += [["norm=mabn", "norm.norm_batch=2", f"ablation={a}", f"seed={seed}"] for a in ABLATIONS]
             runs += [["norm=mabn", f"norm.norm_batch={b}", "ablation=warmup100", f"seed={seed}"] for b in (32, 2)]
     return runs

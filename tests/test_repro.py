@@ -13,7 +13,7 @@ repro = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(repro)
 
 
-def test_plan_is_the_papers_figure_then_real_batch_then_ablations_seed_major():
+def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations():
     runs = repro.planned_runs(list(repro.PARTS), [0, 1])
     assert len(runs) == 2 * (15 + 2 + 7) + 1  # figure 3 norms x 5 b, real b=2, ablations; GN once
     figure = [r for r in runs if r[0] in ("norm=bn", "norm=brn", "norm=mabn") and r[1].startswith("norm.norm_batch")
@@ -21,7 +21,12 @@ def test_plan_is_the_papers_figure_then_real_batch_then_ablations_seed_major():
     assert {(r[0], r[1]) for r in figure} == {(f"norm={n}", f"norm.norm_batch={b}") for n in ("bn", "brn", "mabn")
                                              for b in (32, 16, 8, 4, 2)}
     assert runs.index(["norm=gn", "seed=0"]) < runs.index(["norm=mabn", "norm.norm_batch=32", "seed=1"])
-    assert all(r[-1] == "seed=0" for r in runs[:len(runs) // 2])  # every seed-0 run before any seed-1 run
+    assert runs[:len(figure) + 1] == [r for r in runs if r in figure or r[0] == "norm=gn"]  # the figure first
+    assert all(r[-1] == "seed=0" for r in runs[:16]) and all(r[-1] == "seed=1" for r in runs[16:31])
+    assert runs[31:35] == [["norm=mabn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=0"],
+                           ["norm=bn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=0"],
+                           ["norm=mabn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=1"],
+                           ["norm=bn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=1"]]
     assert ["norm=mabn", "norm.norm_batch=2", "ablation=warmup100", "seed=1"] in runs
 
 
