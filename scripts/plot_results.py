@@ -16,23 +16,38 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mabn.norms import is_per_sample  # noqa: E402
 from mabn.results import PAPER_FIGURE, find_runs, load_run  # noqa: E402
 
 
 NORM_COLORS = {"bn": "C0", "brn": "C1", "mabn": "C2", "gn": "C3", "syncbn": "C4", "ln": "C5", "in": "C6"}
 
 
-def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
-    runs = [r for r in find_runs(*roots) if r.finished and (with_tags or not r.tag)]
-    if not runs:
-        sys.exit(f"error: no finished runs under {', '.join(roots)}")
-    # One line per norm (and tag); runs at another per-process batch N than the panel's usual one
-    # (e.g. a real batch of 2 beside ghost batches in N = 32) get their own line.
+def error_lines(runs) -> dict:
+    """{panel: {(norm, line label): {b: [final errors]}}}, one panel per (data, model, epochs).
+
+    Runs at another per-process batch N than the panel's usual one (e.g. a real batch of 2 beside ghost
+    batches in N = 32) get their own line. A per-sample norm (GN, LN, IN) has no normalization batch:
+    its runs stand at every b of the panel, so it is drawn flat, as in the paper's figure."""
     usual_n = collections.Counter(r.batch_per_gpu for r in runs).most_common(1)[0][0]
     panels = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
     for run in runs:
         line = run.tag + ("" if run.batch_per_gpu == usual_n else f" N={run.batch_per_gpu}")
         panels[(run.data, run.model, run.schedule_epochs)][(run.norm, line)][run.norm_batch].append(run.final_err)
+    for lines in panels.values():
+        batches = {b for (norm, _), by_batch in lines.items() if not is_per_sample(norm) for b in by_batch}
+        for (norm, line), by_batch in list(lines.items()):
+            if is_per_sample(norm) and batches:
+                errs = [e for b in sorted(by_batch) for e in by_batch[b]]
+                lines[(norm, line)] = {b: errs for b in batches}
+    return panels
+
+
+def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
+    runs = [r for r in find_runs(*roots) if r.finished and (with_tags or not r.tag)]
+    if not runs:
+        sys.exit(f"error: no finished runs under {', '.join(roots)}")
+    panels = error_lines(runs)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (panel, lines) in zip(axes[0], sorted(panels.items())):
         for (norm, tag), by_batch in sorted(lines.items()):

@@ -81,3 +81,20 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
 def test_paper_numbers():
     assert paper_top1_err("bn", 2) == 35.22 and paper_top1_err("mabn", 2) == 23.67 and paper_top1_err("brn", 2) == 30.29
     assert paper_top1_err("gn", 32) == 24.1 and paper_top1_err("bn", 32) == 23.41
+
+
+def test_a_per_sample_norm_is_drawn_flat_over_the_panels_normalization_batches(sweep_dir):
+    import dataclasses
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "scripts" / "plot_results.py")
+    plot = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot)
+    runs = [r for r in find_runs(sweep_dir) if r.finished]
+    # GN runs at N = 4 (its norm_batch is N): one per seed, beside BN and MABN at b = 4 and 8
+    gn = [dataclasses.replace(r, norm="gn", norm_batch=4) for r in runs if (r.norm, r.batch_per_gpu) == ("bn", 4)]
+    (lines,) = plot.error_lines(runs + gn).values()
+    assert {b for (norm, _), by_b in lines.items() if norm != "gn" for b in by_b} == {4, 8}
+    gn_line = [by_b for (norm, _), by_b in lines.items() if norm == "gn"]
+    assert len(gn_line) == 1 and set(gn_line[0]) == {4, 8}
+    assert gn_line[0][4] == gn_line[0][8] == [r.final_err for r in gn] and len(gn) == 2

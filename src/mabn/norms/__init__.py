@@ -25,6 +25,12 @@ NORMS: dict[str, type[nn.Module]] = {
 BATCH_STAT_NORMS = ("bn", "brn", "mabn")  # norms whose statistics come from a normalization batch
 
 
+def is_per_sample(name: str) -> bool:
+    """Whether norm `name` takes its statistics per sample (GN and its special cases LN, IN): no batch size
+    enters it, so one run stands for every normalization batch (drawn flat in the paper's figure)."""
+    return issubclass(norm_class(name), GroupNorm2d)
+
+
 def register_norm(name: str, cls: type[nn.Module]) -> None:
     """Make `cls` (constructor `cls(num_features, **kwargs)`) buildable as `build_norm(name, ...)`."""
     NORMS[name] = cls
@@ -56,6 +62,7 @@ def name_norm_layers(model: nn.Module) -> None:
 
 __all__ = [
     "BATCH_STAT_NORMS",
+    "is_per_sample",
     "NORMS",
     "BatchRenorm2d",
     "CenConv2d",
