@@ -125,7 +125,7 @@ def run_lanes(plan: Plan, runs: list[list[str]], lanes: int, threads: int, log_d
     todo: queue.Queue = queue.Queue()
     for i, run in enumerate(runs):
         todo.put((i, run, plan.run_dir(run)))  # composed here: Hydra's global state is not thread-safe
-    failed, lock = [], threading.Lock()
+    failed, lock, finished_minutes = [], threading.Lock(), []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -145,8 +145,13 @@ def run_lanes(plan: Plan, runs: list[list[str]], lanes: int, threads: int, log_d
             if code == 0 and is_finished(run_dir):
                 if plan.archive:
                     archive_run(plan, run_dir)
+                with lock:
+                    finished_minutes.append(minutes)
+                    left = len(runs) - len(finished_minutes) - len(failed)
+                    # a resumed run's minutes are only its rest: the estimate firms up as whole runs finish
+                    eta = sum(finished_minutes) / len(finished_minutes) * left / lanes / 60
                 print(f"[lane {index}] {i + 1}/{len(runs)} done  {run_dir.name}: top-1 err {final_error(run_dir):.2f} % "
-                      f"in {minutes:.1f} min", flush=True)
+                      f"in {minutes:.1f} min; {left} left, about {eta:.1f} h", flush=True)
             else:
                 with lock:
                     failed.append(run_dir.name)

@@ -61,3 +61,22 @@ def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path):
         bad = subprocess.run([sys.executable, "scripts/repro.py", "--list", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def test_two_lanes_run_the_plan_archive_each_run_and_say_what_is_left(tiny_shapes, tmp_path):
+    # The real-batch-2 part on the tiny dataset: 2 runs (MABN, BN), 40 micro-batches of 2 = 2 SGD steps each.
+    tiny = [f"data.root={tiny_shapes}", "data.generate=null", "data.crop_size=24", "data.val_resize=28", "data.workers=0",
+            "model.width=8", "schedule.epochs=1", "data.val_batch_per_gpu=10"]
+    cmd = [sys.executable, "scripts/repro.py", "--only", "real_b2", "--seeds", "0", "--lanes", "2",
+           "--output-root", str(tmp_path / "out"), "--archive", str(tmp_path / "archive"), *tiny]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    done = [line for line in out.stdout.splitlines() if " done " in line]
+    assert len(done) == 2 and "1 left, about" in done[0] and "0 left, about 0.0 h" in done[1], out.stdout
+    archived = sorted(p.name for p in (tmp_path / "archive" / "imagenette_cpu").iterdir())
+    assert archived == ["imagenette64-resnet18_cpu-bn-b2-n2-s0", "imagenette64-resnet18_cpu-mabn-b2-n2-s0"]
+    for name in archived:
+        assert repro.is_finished(tmp_path / "archive" / "imagenette_cpu" / name)
+        assert not list((tmp_path / "archive" / "imagenette_cpu" / name).rglob("*.pt"))  # records, no checkpoints
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "2 planned runs, 2 finished, 0 to run" in again.stdout
