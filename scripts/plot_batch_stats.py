@@ -4,6 +4,11 @@ and print, per layer, the standard deviation of each statistic over iterations: 
 that the backward statistics (g_B, Psi_B) are as noisy as the forward ones, as a picture and a number.
 
   python scripts/plot_batch_stats.py outputs/train/bn_b2 outputs/train/bn_b32 outputs/train/mabn_b2 --out stats.png
+
+`--lag-windows 160,300,600` also prints, for MABN runs, how far the second moment the layer divides by
+(the moving average chi_avg) is from the current group's own (chi_B = sigma^2_B + mu_B^2): the median of
+chi_avg / chi_B - 1 over the recorded iterations of each window. Averaging stale statistics shows as a
+bias of one sign; a small group's own noise as a spread around a small positive median.
 """
 import argparse
 import json
@@ -38,11 +43,43 @@ def load_stats(run_dir: pathlib.Path) -> tuple[str, dict]:
     return label, series
 
 
+def lag_table(loaded: list, layers: list, edges: list[int]) -> list[str]:
+    """Markdown rows: median of chi_avg / chi_B - 1 per layer, run and window [edges[i], edges[i+1])."""
+    windows = list(zip(edges, edges[1:]))
+    rows = ["| layer | run | " + " | ".join(f"chi_avg/chi_B - 1, iterations [{a}, {b})" for a, b in windows) + " |",
+            "|---|---|" + "---|" * len(windows)]
+    for layer in layers:
+        for label, series in loaded:
+            stats = series.get(layer, {})
+            if "chi_avg" not in stats:
+                continue
+            ratios = [(step, avg / (var + mu * mu) - 1) for (step, avg), (_, var), (_, mu)
+                      in zip(stats["chi_avg"], stats["sigma2_B"], stats["mu_B"]) if avg == avg]
+            cells = []
+            for a, b in windows:
+                inside = [r for step, r in ratios if a <= step < b]
+                cells.append(f"{statistics.median(inside):+.3f} (n={len(inside)})" if inside else "-")
+            rows.append(f"| {layer} | {label} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def parse_edges(text: str) -> list[int]:
+    try:
+        edges = [int(v) for v in text.split(",")]
+    except ValueError:
+        edges = []
+    if len(edges) < 2 or edges != sorted(set(edges)):
+        sys.exit(f"error: --lag-windows={text!r} is not valid; valid: two or more increasing iterations, e.g. 160,300,600")
+    return edges
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run dirs trained with stats.enabled=true")
     parser.add_argument("--out", default="batch_stats.png")
+    parser.add_argument("--lag-windows", help="iterations bounding windows, e.g. 160,300,600: MABN's averaging lag per window")
     args = parser.parse_args()
+    edges = parse_edges(args.lag_windows) if args.lag_windows else None
     loaded = [load_stats(pathlib.Path(r)) for r in args.runs]
     layers = sorted({layer for _, series in loaded for layer in series})
     fig, axes = plt.subplots(len(layers), len(STATISTICS), figsize=(4 * len(STATISTICS), 3 * len(layers)), squeeze=False)
@@ -68,6 +105,9 @@ def main() -> None:
             axes[row][col].set_xlabel("fraction of training")
             axes[row][col].grid(alpha=0.3)
         axes[row][0].legend(fontsize=7)
+    if edges:
+        print()
+        print("\n".join(lag_table(loaded, layers, edges)))
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -74,6 +74,16 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
                             "--out", str(tmp_path / "stats.png")], capture_output=True, text=True, timeout=120)
     assert stats.returncode == 0, stats.stderr
     assert "std Psi_B" in stats.stdout and stats.stdout.count("| bn1 |") == 2
+    mabn = [r for r in runs if "-mabn-" in r.name]
+    lag = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *map(str, runs[:1] + mabn),
+                          "--out", str(tmp_path / "lag.png"), "--lag-windows", "0,2,4"], capture_output=True, text=True,
+                         timeout=120)
+    assert lag.returncode == 0, lag.stderr
+    rows = [line for line in lag.stdout.split("chi_avg/chi_B - 1", 1)[1].splitlines() if line.startswith("| bn1 |")]
+    assert len(rows) == len(mabn) == 2 and all(row.count("(n=2)") == 2 for row in rows)  # steps 0-1 and 2-3; no BN row
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), str(mabn[0]), "--lag-windows", "5,2"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --lag-windows='5,2' is not valid")
     for png in ("evb.png", "curves.png", "stats.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
