@@ -1,3 +1,4 @@
+import importlib.util
 import pathlib
 
 import pytest
@@ -5,6 +6,16 @@ import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_IMAGENETTE = ROOT.parent / "shared" / "data" / "imagenette"
+
+
+
+def load_script(name: str):
+    """The module scripts/<name>.py, to test its functions (the scripts are run as files, not imported)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -1,16 +1,13 @@
 """`make repro`'s plan (scripts/repro.py): what it runs, in which order, what counts as done, and third seeds."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, load_script
 
-spec = importlib.util.spec_from_file_location("repro", ROOT / "scripts" / "repro.py")
-repro = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(repro)
+repro = load_script("repro")
 
 
 def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations():

@@ -9,7 +9,7 @@ import pytest
 
 from mabn.results import find_runs, group_runs, paper_top1_err, to_markdown
 
-from .conftest import ROOT, train_command
+from .conftest import ROOT, load_script, train_command
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +95,8 @@ def test_paper_numbers():
 
 def test_a_per_sample_norm_is_drawn_flat_over_the_panels_normalization_batches(sweep_dir):
     import dataclasses
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("plot_results", ROOT / "scripts" / "plot_results.py")
-    plot = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(plot)
+    plot = load_script("plot_results")
     runs = [r for r in find_runs(sweep_dir) if r.finished]
     # GN runs at N = 4 (its norm_batch is N): one per seed, beside BN and MABN at b = 4 and 8
     gn = [dataclasses.replace(r, norm="gn", norm_batch=4) for r in runs if (r.norm, r.batch_per_gpu) == ("bn", 4)]
