@@ -43,18 +43,17 @@ def _atomic_write(path: pathlib.Path, write) -> None:
         os.close(dir_fd)
 
 
-def rewind_records(path: pathlib.Path, keep) -> int:
-    """Drop the JSON lines of `path` for which `keep(record)` is false (atomically); returns how many.
+def rewind_records(path: pathlib.Path, keep) -> None:
+    """Drop the JSON lines of `path` for which `keep(record)` is false (atomically).
 
     A line cut short by a kill is dropped too: it cannot be read, and the resumed run writes it again."""
     path = pathlib.Path(path)
     if not path.is_file():
-        return 0
+        return
     lines = path.read_bytes().splitlines(keepends=True)
     kept = [line for line in lines if line.strip() and line.endswith(b"\n") and _keeps(keep, line)]
     if len(kept) != len(lines):
         _atomic_write(path, lambda f: f.writelines(kept))
-    return len(lines) - len(kept)
 
 
 def _keeps(keep, line: bytes) -> bool:

@@ -118,7 +118,8 @@ class Job:
         self.first_step_done = False  # this process's first optimizer step is logged with its start-up time
         if cfg.stats.enabled and info.is_main:
             layers = select_layers(net, list(cfg.stats.layers) if cfg.stats.layers else None)
-            self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, self.writer, run_dir / "batch_stats.jsonl")
+            # no writer yet: open_logs hands it the TensorBoard writer with the file it rewinds
+            self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, None, run_dir / "batch_stats.jsonl")
 
     # -- logging --------------------------------------------------------------------------------
     def open_logs(self, progress: Progress) -> None:
