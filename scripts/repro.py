@@ -11,7 +11,11 @@ seeds, and so MABN's spread over seeds, before the real batch and the ablations)
              and GN once (batch independent; first seed only)
   real_b2    BN and MABN at a real per-process batch of 2, gradients accumulated over 16 micro-batches
   ablations  the MABN switches of configs/ablation/ at b = 2, and warmup100 at b = 32 and 2
-  third      a third seed wherever the first two seeds of a setting differ by more than --spread points
+  proposal   MABN at b = 32 and 2 with its switch to moving averages where BRN's corrections start
+             (t0 = 500 iterations in this schedule), a rule proposed in docs/results/imagenette.md and
+             kept out of the main table (tagged runs)
+  third      a third seed wherever the first two seeds of a setting differ by more than --spread points;
+             queued as soon as both seeds are in, ahead of the parts after the setting's own
 
 Each run is `python -m mabn.train experiment=... <overrides> seed=S`; its run dir is named by its
 configuration, so a rerun resumes it, and a run whose metrics.jsonl says it finished is skipped. Each
@@ -34,44 +38,65 @@ import time
 from hydra import compose, initialize_config_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PARTS = ("figure", "real_b2", "ablations", "third")
+PARTS = ("figure", "real_b2", "ablations", "proposal", "third")
 FIGURE_BATCHES = (32, 2, 4, 16, 8)  # run order: the table's two points first
 ABLATIONS = ("sma_forward_only", "sma_backward_only", "ema", "no_centered_conv", "no_renorm")
+PROPOSED_WARMUP = 500  # BRN's t0 in imagenette_cpu: max(min_t0 = 500, t0_frac x 2,360 iterations)
 RECORDS = (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "batch_stats.jsonl")
 
 
-def planned_runs(parts: list[str], seeds: list[int]) -> list[list[str]]:
-    """Overrides of every run of the plan (except `third`, decided from results), in run order."""
+def part_runs(part: str, seeds: list[int]) -> list[list[str]]:
+    """Overrides of every run of one part of the plan (`third` is decided from results), in run order."""
     runs = []
-    if "figure" in parts:
-        for seed in seeds:
+    for seed in seeds:
+        if part == "figure":
             for b in FIGURE_BATCHES:
                 runs += [[f"norm={norm}", f"norm.norm_batch={b}", f"seed={seed}"] for norm in ("mabn", "bn", "brn")]
             if seed == seeds[0]:
                 runs.append(["norm=gn", f"seed={seed}"])
-    if "real_b2" in parts:
-        runs += [[f"norm={norm}", "data.batch_per_gpu=2", "train.grad_accum=16", f"seed={seed}"]
-                 for seed in seeds for norm in ("mabn", "bn")]
-    if "ablations" in parts:
-        for seed in seeds:
+        elif part == "real_b2":
+            runs += [[f"norm={norm}", "data.batch_per_gpu=2", "train.grad_accum=16", f"seed={seed}"] for norm in ("mabn", "bn")]
+        elif part == "ablations":
             runs += [["norm=mabn", "norm.norm_batch=2", f"ablation={a}", f"seed={seed}"] for a in ABLATIONS]
             runs += [["norm=mabn", f"norm.norm_batch={b}", "ablation=warmup100", f"seed={seed}"] for b in (32, 2)]
+        elif part == "proposal":
+            runs += [["norm=mabn", f"norm.norm_batch={b}", f"norm.options.warmup={PROPOSED_WARMUP}",
+                      f"tag=-warmup{PROPOSED_WARMUP}", f"seed={seed}"] for b in (32, 2)]
     return runs
+
+
+def planned_runs(parts: list[str], seeds: list[int]) -> list[list[str]]:
+    """Overrides of every run of the plan (except `third`, decided from results), in run order."""
+    return [run for _, run in ranked_runs(parts, seeds)]
+
+
+Ranked = tuple[tuple[int, int, int], list[str]]  # ((part, 0 planned / 1 third seed, position), overrides)
+
+
+def ranked_runs(parts: list[str], seeds: list[int]) -> list[Ranked]:
+    """The plan's runs with their rank: lower runs first."""
+    return [((PARTS.index(part), 0, i), run) for part in PARTS if part in parts for i, run in enumerate(part_runs(part, seeds))]
 
 
 class Plan:
     """Resolves run dirs through Hydra's own composition, so names match what training will use."""
 
+    compose_lock = threading.Lock()  # Hydra's global state is not thread-safe, and lanes queue third seeds
+
     def __init__(self, experiment: str, output_root: str, extra: list[str], archive: pathlib.Path | None):
         self.experiment, self.output_root, self.extra, self.archive = experiment, output_root, extra, archive
+        self.dirs: dict[tuple[str, ...], pathlib.Path] = {}
 
     def overrides(self, run: list[str]) -> list[str]:
         return [f"experiment={self.experiment}", *run, f"output_root={self.output_root}", *self.extra]
 
     def run_dir(self, run: list[str]) -> pathlib.Path:
-        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-            cfg = compose(config_name="train", overrides=self.overrides(run), return_hydra_config=True)
-        return pathlib.Path(str(cfg.output_root)) / str(cfg.task_name) / str(cfg.run_name)
+        with self.compose_lock:
+            if tuple(run) not in self.dirs:
+                with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+                    cfg = compose(config_name="train", overrides=self.overrides(run), return_hydra_config=True)
+                self.dirs[tuple(run)] = pathlib.Path(str(cfg.output_root)) / str(cfg.task_name) / str(cfg.run_name)
+            return self.dirs[tuple(run)]
 
     def archived(self, run_dir: pathlib.Path) -> pathlib.Path | None:
         return self.archive / run_dir.parent.name / run_dir.name if self.archive else None
@@ -99,16 +124,34 @@ def final_error(run_dir: pathlib.Path) -> float | None:
     return epochs[-1]["val_top1_err"] if epochs else None
 
 
-def third_seeds(plan: Plan, parts: list[str], seeds: list[int], spread: float) -> list[list[str]]:
-    """Seed max(seeds)+1 of every planned setting whose first two seeds' final errors differ by > spread."""
+def setting(run: list[str]) -> list[str]:
+    """A run's overrides less its seed: what its seeds share."""
+    return [o for o in run if not o.startswith("seed=")]
+
+
+def third_seed(plan: Plan, run: list[str], seeds: list[int], spread: float) -> list[str] | None:
+    """Seed max(seeds)+1 of `run`'s setting if its first two seeds have finished more than `spread` points apart."""
     if len(seeds) < 2:
-        return []
-    extra = []
-    for a, b in zip(planned_runs(parts, seeds[:1]), planned_runs(parts, seeds[1:2])):
-        errs = [final_error(d) if (d := plan.finished_dir(run)) is not None else None for run in (a, b)]
-        if None not in errs and abs(errs[0] - errs[1]) > spread:
-            extra.append([o for o in a if not o.startswith("seed=")] + [f"seed={max(seeds) + 1}"])
-    return extra
+        return None
+    dirs = [plan.finished_dir([*setting(run), f"seed={seed}"]) for seed in seeds[:2]]
+    errs = [final_error(d) for d in dirs if d is not None]
+    if len(errs) < 2 or None in errs or abs(errs[0] - errs[1]) <= spread:
+        return None
+    return [*setting(run), f"seed={max(seeds) + 1}"]
+
+
+def third_seed_follow_up(plan: Plan, seeds: list[int], spread: float):
+    """`run_lanes`' follow-up: once a setting's two seeds are in, its third seed where they differ by more than
+    `spread`, ranked after the rest of its part and before the parts after it."""
+    def thirds(rank, run) -> list[Ranked]:
+        third = third_seed(plan, run, seeds, spread)
+        return [((rank[0], 1, rank[2]), third)] if third and not plan.finished(third) else []
+    return thirds
+
+
+def third_seeds(plan: Plan, parts: list[str], seeds: list[int], spread: float) -> list[list[str]]:
+    """The third seed of every planned setting whose first two seeds differ by more than `spread` points."""
+    return [third for run in planned_runs(parts, seeds[:1]) if (third := third_seed(plan, run, seeds, spread))]
 
 
 def archive_run(plan: Plan, run_dir: pathlib.Path) -> None:
@@ -120,24 +163,37 @@ def archive_run(plan: Plan, run_dir: pathlib.Path) -> None:
             shutil.copy2(source, target / name)
 
 
-def run_lanes(plan: Plan, runs: list[list[str]], lanes: int, threads: int, log_dir: pathlib.Path) -> int:
-    """Run `runs` in `lanes` parallel subprocesses; returns the number of failed runs."""
-    todo: queue.Queue = queue.Queue()
-    for i, run in enumerate(runs):
-        todo.put((i, run, plan.run_dir(run)))  # composed here: Hydra's global state is not thread-safe
-    failed, lock, finished_minutes = [], threading.Lock(), []
+def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir: pathlib.Path,
+              follow_up=None) -> int:
+    """Run `runs` in `lanes` parallel subprocesses, lowest rank first; returns the number of failed runs.
+
+    `follow_up(rank, run)`, called after each finished run, returns more ranked runs to queue (third seeds)."""
+    todo: queue.PriorityQueue = queue.PriorityQueue()
+    queued, failed, lock, finished_minutes = set(), [], threading.Lock(), []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(rank, run) -> bool:
+        run_dir = plan.run_dir(run)
+        with lock:
+            if run_dir.name in queued:
+                return False
+            queued.add(run_dir.name)
+            todo.put((rank, len(queued), run, run_dir))  # the count breaks ties: lists never compare
+        return True
+
+    for rank, run in runs:
+        put(rank, run)
 
     def lane(index: int) -> None:
         while True:
             try:
-                i, run, run_dir = todo.get_nowait()
+                rank, i, run, run_dir = todo.get_nowait()
             except queue.Empty:
                 return
             log_file = log_dir / f"{run_dir.name}.log"
             started = time.time()
-            print(f"[lane {index}] {i + 1}/{len(runs)} start {run_dir.name} (log {log_file})", flush=True)
+            print(f"[lane {index}] {i}/{len(queued)} start {run_dir.name} (log {log_file})", flush=True)
             cmd = [sys.executable, "-m", "mabn.train", *plan.overrides(run), "train.progress=false"]
             with open(log_file, "a") as log:
                 code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
@@ -145,17 +201,21 @@ def run_lanes(plan: Plan, runs: list[list[str]], lanes: int, threads: int, log_d
             if code == 0 and is_finished(run_dir):
                 if plan.archive:
                     archive_run(plan, run_dir)
+                for more_rank, more in follow_up(rank, run) if follow_up else []:
+                    if put(more_rank, more):
+                        print(f"[lane {index}] queued {plan.run_dir(more).name}: its first two seeds differ by "
+                              f"more than the spread", flush=True)
                 with lock:
                     finished_minutes.append(minutes)
-                    left = len(runs) - len(finished_minutes) - len(failed)
+                    left = len(queued) - len(finished_minutes) - len(failed)
                     # a resumed run's minutes are only its rest: the estimate firms up as whole runs finish
                     eta = sum(finished_minutes) / len(finished_minutes) * left / lanes / 60
-                print(f"[lane {index}] {i + 1}/{len(runs)} done  {run_dir.name}: top-1 err {final_error(run_dir):.2f} % "
+                print(f"[lane {index}] {i}/{len(queued)} done  {run_dir.name}: top-1 err {final_error(run_dir):.2f} % "
                       f"in {minutes:.1f} min; {left} left, about {eta:.1f} h", flush=True)
             else:
                 with lock:
                     failed.append(run_dir.name)
-                print(f"[lane {index}] {i + 1}/{len(runs)} FAILED {run_dir.name} (exit {code}, {minutes:.1f} min; "
+                print(f"[lane {index}] {i}/{len(queued)} FAILED {run_dir.name} (exit {code}, {minutes:.1f} min; "
                       f"see {log_file})", flush=True)
 
     workers = [threading.Thread(target=lane, args=(k + 1,)) for k in range(lanes)]
@@ -200,26 +260,31 @@ def main() -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.lanes)
     plan = Plan(args.experiment, args.output_root, args.overrides, args.archive)
 
-    runs = planned_runs(parts, seeds)
-    todo = [run for run in runs if not plan.finished(run)]
-    print(f"{len(runs)} planned runs, {len(runs) - len(todo)} finished, {len(todo)} to run in {args.lanes} lanes "
+    ranked = ranked_runs(parts, seeds)
+    todo = [(rank, run) for rank, run in ranked if not plan.finished(run)]
+    print(f"{len(ranked)} planned runs, {len(ranked) - len(todo)} finished, {len(todo)} to run in {args.lanes} lanes "
           f"x {threads} threads", flush=True)
+
+    thirds = third_seed_follow_up(plan, seeds, args.spread) if "third" in parts else None
+    # third seeds of settings whose two seeds are in already; the others are queued as their seeds finish
+    known: dict[str, Ranked] = {}
+    for rank, run in ranked if thirds else []:
+        for item in thirds(rank, run):
+            known.setdefault(plan.run_dir(item[1]).name, item)
+    if known:
+        print(f"{len(known)} third seeds to run (two seeds more than {args.spread} points apart)", flush=True)
     if args.list:
-        for run in runs:
+        for _, run in ranked:
             print(f"  {'done' if plan.finished(run) else 'todo'}  {plan.run_dir(run).name}")
+        for name in known:
+            print(f"  todo  {name} (third seed)")
         return 0
     log_dir = pathlib.Path(args.output_root) / "lanes"
-    failures = run_lanes(plan, todo, args.lanes, threads, log_dir)
-    if "third" in parts:
-        extra = [run for run in third_seeds(plan, parts, seeds, args.spread) if not plan.finished(run)]
-        if extra:
-            print(f"third seeds: {len(extra)} settings differ by more than {args.spread} points", flush=True)
-            failures += run_lanes(plan, extra, args.lanes, threads, log_dir)
+    failures = run_lanes(plan, todo + list(known.values()), args.lanes, threads, log_dir, follow_up=thirds)
     if failures:
         print(f"error: {failures} runs failed; their logs are in {log_dir}", file=sys.stderr)
         return 1
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -10,9 +10,9 @@ from .conftest import ROOT, load_script
 repro = load_script("repro")
 
 
-def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations():
+def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations_then_the_proposal():
     runs = repro.planned_runs(list(repro.PARTS), [0, 1])
-    assert len(runs) == 2 * (15 + 2 + 7) + 1  # figure 3 norms x 5 b, real b=2, ablations; GN once
+    assert len(runs) == 2 * (15 + 2 + 7 + 2) + 1  # figure 3 norms x 5 b, real b=2, ablations, proposal; GN once
     figure = [r for r in runs if r[0] in ("norm=bn", "norm=brn", "norm=mabn") and r[1].startswith("norm.norm_batch")
               and len(r) == 3]
     assert {(r[0], r[1]) for r in figure} == {(f"norm={n}", f"norm.norm_batch={b}") for n in ("bn", "brn", "mabn")
@@ -25,6 +25,8 @@ def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations
                            ["norm=mabn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=1"],
                            ["norm=bn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=1"]]
     assert ["norm=mabn", "norm.norm_batch=2", "ablation=warmup100", "seed=1"] in runs
+    assert runs[-4:] == [["norm=mabn", f"norm.norm_batch={b}", "norm.options.warmup=500", "tag=-warmup500", f"seed={s}"]
+                         for s in (0, 1) for b in (32, 2)]  # tagged: out of the main table and plot
 
 
 def _finished(run_dir, err):
@@ -77,3 +79,27 @@ def test_two_lanes_run_the_plan_archive_each_run_and_say_what_is_left(tiny_shape
         assert not list((tmp_path / "archive" / "imagenette_cpu" / name).rglob("*.pt"))  # records, no checkpoints
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "2 planned runs, 2 finished, 0 to run" in again.stdout
+
+
+def test_a_third_seed_is_queued_once_two_seeds_differ_and_runs_before_the_next_part(tmp_path, monkeypatch):
+    # Training faked: each "run" writes a finished metrics.jsonl whose error depends on the norm and seed.
+    plan = repro.Plan("imagenette_cpu", str(tmp_path / "out"), [], None)
+    errors = {("bn", 0): 27.0, ("bn", 1): 30.5, ("mabn", 0): 25.0, ("mabn", 1): 25.5, ("bn", 2): 28.0}
+    order = []
+
+    def fake_train(cmd, **kwargs):
+        run = [a for a in cmd if "=" in a and not a.startswith(("experiment=", "output_root=", "train.progress="))]
+        order.append(plan.run_dir(run).name)
+        norm, seed = run[0].removeprefix("norm="), int(run[-1].removeprefix("seed="))
+        _finished(plan.run_dir(run), errors.get((norm, seed), 40.0))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(repro.subprocess, "run", fake_train)
+    figure = [((0, 0, i), [f"norm={n}", "norm.norm_batch=32", f"seed={s}"]) for i, (s, n) in
+              enumerate([(0, "mabn"), (0, "bn"), (1, "mabn"), (1, "bn")])]
+    real_b2 = [((1, 0, 0), ["norm=bn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=0"])]
+    follow_up = repro.third_seed_follow_up(plan, [0, 1], 2.0)
+    assert repro.run_lanes(plan, figure + real_b2, 1, 1, tmp_path / "logs", follow_up) == 0
+    assert order == [f"imagenette64-resnet18_cpu-{n}-b32-n32-s{s}" for s, n in [(0, "mabn"), (0, "bn"), (1, "mabn"), (1, "bn")]] \
+        + ["imagenette64-resnet18_cpu-bn-b32-n32-s2", "imagenette64-resnet18_cpu-bn-b2-n2-s0"]  # BN's third seed, not MABN's
+    assert follow_up((0, 0, 1), ["norm=bn", "norm.norm_batch=32", "seed=1"]) == []  # finished: not queued again
