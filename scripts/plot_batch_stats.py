@@ -39,7 +39,7 @@ def load_stats(run_dir: pathlib.Path) -> tuple[str, dict]:
             for key, value in values.items():
                 series.setdefault(layer, {}).setdefault(key, []).append((record["step"], value))
     run = load_run(run_dir)
-    label = f"{run.norm} b={run.norm_batch} N={run.batch_per_gpu}{run.tag}" if run else run_dir.name
+    label = f"{run.norm} b={run.norm_batch} N={run.batch_per_gpu}{run.tag} s{run.seed}" if run else run_dir.name
     return label, series
 
 

@@ -74,6 +74,7 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
                             "--out", str(tmp_path / "stats.png")], capture_output=True, text=True, timeout=120)
     assert stats.returncode == 0, stats.stderr
     assert "std Psi_B" in stats.stdout and stats.stdout.count("| bn1 |") == 2
+    assert all(" s0 |" in line for line in stats.stdout.splitlines() if line.startswith("| bn1 |"))  # seeds told apart
     mabn = [r for r in runs if "-mabn-" in r.name]
     lag = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *map(str, runs[:1] + mabn),
                           "--out", str(tmp_path / "lag.png"), "--lag-windows", "0,2,4"], capture_output=True, text=True,
