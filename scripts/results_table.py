@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Top-1 error table of every run under the given folders, with the paper's numbers beside.
 
-  python scripts/results_table.py outputs            # writes outputs/results.md, results.csv and runs.md (every run, its commits)
+  python scripts/results_table.py outputs            # writes outputs/results.md, results.csv, runs.md (every run, its
+                                                     # commits) and figure.md (norm x normalization batch, every seed)
   python scripts/results_table.py outputs/repro --out docs/results
 """
 import argparse
 import pathlib
 import sys
 
-from mabn.results import find_runs, group_runs, runs_markdown, to_csv, to_markdown
+from mabn.results import figure_markdown, find_runs, group_runs, runs_markdown, to_csv, to_markdown
 
 
 def main() -> int:
@@ -27,8 +28,12 @@ def main() -> int:
     (out / "results.md").write_text(markdown)
     (out / "results.csv").write_text(to_csv(rows))
     (out / "runs.md").write_text(runs_markdown(runs))
+    figure = figure_markdown(rows)
+    (out / "figure.md").write_text(figure)
     print(markdown)
-    print(f"({len(runs)} runs; written to {out / 'results.md'}, {out / 'results.csv'} and {out / 'runs.md'})", file=sys.stderr)
+    print(figure)
+    print(f"({len(runs)} runs; written to {out / 'results.md'}, {out / 'results.csv'}, {out / 'runs.md'} and "
+          f"{out / 'figure.md'})", file=sys.stderr)
     return 0
 
 

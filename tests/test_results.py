@@ -58,8 +58,15 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), str(sweep_dir), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert (tmp_path / "results.md").read_text().strip() == out.stdout.strip()
+    assert out.stdout.strip() == ((tmp_path / "results.md").read_text() + "\n" + (tmp_path / "figure.md").read_text()).strip()
     assert len((tmp_path / "results.csv").read_text().splitlines()) == 5
+    figure = (tmp_path / "figure.md").read_text().splitlines()
+    assert figure[0] == "| norm | b = 8 |"  # N = 4 and 8 have 4 finished runs each: the tie goes to the larger N
+    for norm in ("bn", "mabn"):
+        errs = _final_errors([sweep_dir / "train" / f"shapes10-resnet18_cpu-{norm}-b8-n8-s{s}" for s in (0, 1)])
+        cell = f"{statistics.fmean(errs):.2f} ± {statistics.stdev(errs):.2f} (2: {errs[0]:.2f}, {errs[1]:.2f})"
+        assert f"| {norm} | {cell} |" in figure
+    assert "| paper bn | 25.45 |" in figure
     every_run = (tmp_path / "runs.md").read_text().splitlines()[2:]
     assert len(every_run) == 9 and sum("| unfinished |" in line for line in every_run) == 1
     assert all(line.rstrip(" |").rsplit("| ", 1)[1] not in ("", "-", "unrecorded") for line in every_run if "-s7" not in line)

@@ -1,4 +1,5 @@
 """Result tables from run dirs: group runs by setting, average over seeds, lay the paper's numbers beside."""
+import collections
 import csv
 import io
 import json
@@ -137,6 +138,48 @@ def to_markdown(rows: list[Row]) -> str:
     note = ("\nTop-1 error in % on the val set, mean ± std over finished runs (seeds); `paper`: the paper's "
             "ResNet-50 ImageNet number for that norm and normalization batch (SPEC §5; GN from the GN paper), "
             "`delta` only where the run is ResNet-50 on ImageNet. Unfinished runs are counted, not averaged.\n")
+    return "\n".join(lines) + "\n" + note
+
+
+FIGURE_NORMS = ("bn", "brn", "mabn", "gn")  # the paper's figure's order; other norms follow by name
+
+
+def figure_markdown(rows: list[Row]) -> str:
+    """The paper's figure as a table: top-1 error by norm (rows) and normalization batch b (columns).
+
+    Untagged finished runs of the setting with the most runs (data, model, epochs, per-process batch N; a tie
+    goes to the larger N); each cell is mean ± std (runs: every seed's value, by seed), so the spread over
+    seeds reads off directly. The paper's figure lies beneath (SPEC §5), for the shape only.
+    """
+    plain = [r for r in rows if not r.key[6] and r.finished]
+    if not plain:
+        return ""
+    counts = collections.Counter()
+    for row in plain:
+        counts[row.key[:3] + row.key[5:6]] += len(row.finished)
+    setting = max(counts, key=lambda k: (counts[k], k[3]))
+    cells = {(r.key[3], r.key[4]): r for r in plain if r.key[:3] + r.key[5:6] == setting}
+    batches = sorted({b for _, b in cells}, reverse=True)
+    norms = sorted({norm for norm, _ in cells}, key=lambda n: (FIGURE_NORMS.index(n) if n in FIGURE_NORMS else 99, n))
+    lines = ["| norm | " + " | ".join(f"b = {b}" for b in batches) + " |", "|---|" + "---|" * len(batches)]
+    for norm in norms:
+        row_cells = []
+        for b in batches:
+            row = cells.get((norm, b))
+            if row is None:
+                row_cells.append("")
+                continue
+            mean, std = row.stat("final_err")
+            errs = ", ".join(f"{r.final_err:.2f}" for r in sorted(row.finished, key=lambda r: r.seed))
+            row_cells.append(f"{mean:.2f} (1)" if len(row.finished) == 1 else f"{mean:.2f} ± {std:.2f} ({len(row.finished)}: {errs})")
+        lines.append(f"| {norm} | " + " | ".join(row_cells) + " |")
+    for norm in [n for n in norms if n in PAPER_FIGURE]:
+        paper = [PAPER_FIGURE[norm].get(b) for b in batches]
+        lines.append(f"| paper {norm} | " + " | ".join("" if v is None else f"{v:.2f}" for v in paper) + " |")
+    data, model, epochs, n = setting
+    note = (f"\nTop-1 val error (%) of {data}, {model}, {epochs} epochs, N = {n} per process, untagged runs: mean ± std "
+            "(runs: each seed's final error, by seed). `paper`: ResNet-50 on ImageNet, read off the paper's figure "
+            "(SPEC §5), for the shape only. Other settings and tagged runs (ablations): results.md.\n")
     return "\n".join(lines) + "\n" + note
 
 
