@@ -149,9 +149,13 @@ def third_seed_follow_up(plan: Plan, seeds: list[int], spread: float):
     return thirds
 
 
-def third_seeds(plan: Plan, parts: list[str], seeds: list[int], spread: float) -> list[list[str]]:
-    """The third seed of every planned setting whose first two seeds differ by more than `spread` points."""
-    return [third for run in planned_runs(parts, seeds[:1]) if (third := third_seed(plan, run, seeds, spread))]
+def third_seeds(plan: Plan, ranked: list[Ranked], follow_up) -> list[Ranked]:
+    """The third seeds due already (a setting's two seeds in, too far apart, the third not run), once each."""
+    due: dict[str, Ranked] = {}
+    for rank, run in ranked:
+        for item in follow_up(rank, run):
+            due.setdefault(plan.run_dir(item[1]).name, item)
+    return list(due.values())
 
 
 def archive_run(plan: Plan, run_dir: pathlib.Path) -> None:
@@ -267,20 +271,17 @@ def main() -> int:
 
     thirds = third_seed_follow_up(plan, seeds, args.spread) if "third" in parts else None
     # third seeds of settings whose two seeds are in already; the others are queued as their seeds finish
-    known: dict[str, Ranked] = {}
-    for rank, run in ranked if thirds else []:
-        for item in thirds(rank, run):
-            known.setdefault(plan.run_dir(item[1]).name, item)
-    if known:
-        print(f"{len(known)} third seeds to run (two seeds more than {args.spread} points apart)", flush=True)
+    due = third_seeds(plan, ranked, thirds) if thirds else []
+    if due:
+        print(f"{len(due)} third seeds to run (two seeds more than {args.spread} points apart)", flush=True)
     if args.list:
         for _, run in ranked:
             print(f"  {'done' if plan.finished(run) else 'todo'}  {plan.run_dir(run).name}")
-        for name in known:
-            print(f"  todo  {name} (third seed)")
+        for _, run in due:
+            print(f"  todo  {plan.run_dir(run).name} (third seed)")
         return 0
     log_dir = pathlib.Path(args.output_root) / "lanes"
-    failures = run_lanes(plan, todo + list(known.values()), args.lanes, threads, log_dir, follow_up=thirds)
+    failures = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds)
     if failures:
         print(f"error: {failures} runs failed; their logs are in {log_dir}", file=sys.stderr)
         return 1

@@ -47,7 +47,8 @@ def test_archived_runs_count_as_done_and_a_spread_over_2_points_plans_a_third_se
     mabn2 = ["norm=mabn", "norm.norm_batch=2"]
     for seed, err in ((0, 29.0), (1, 30.5)):  # 1.5 apart: no third seed
         _finished(plan.run_dir([*mabn2, f"seed={seed}"]), err)
-    assert repro.third_seeds(plan, ["figure"], [0, 1], 2.0) == [[*bn32, "seed=2"]]
+    due = repro.third_seeds(plan, repro.ranked_runs(["figure"], [0, 1]), repro.third_seed_follow_up(plan, [0, 1], 2.0))
+    assert due == [((0, 1, 1), [*bn32, "seed=2"])]  # ranked after the figure's planned runs
 
 
 def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path):
