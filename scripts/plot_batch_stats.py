@@ -5,10 +5,12 @@ that the backward statistics (g_B, Psi_B) are as noisy as the forward ones, as a
 
   python scripts/plot_batch_stats.py outputs/train/bn_b2 outputs/train/bn_b32 outputs/train/mabn_b2 --out stats.png
 
-`--lag-windows 160,300,600` also prints, for MABN runs, how far the second moment the layer divides by
-(the moving average chi_avg) is from the current group's own (chi_B = sigma^2_B + mu_B^2): the median of
-chi_avg / chi_B - 1 over the recorded iterations of each window. Averaging stale statistics shows as a
-bias of one sign; a small group's own noise as a spread around a small positive median.
+`--lag-windows 160,300,600` also prints, for MABN and BRN runs, how far the statistic the layer divides by
+is from the current group's own: for MABN the moving average chi_avg against chi_B = sigma^2_B + mu_B^2,
+for BRN the running variance (what its r carries the normalization to, within r's clip) against
+sigma^2_B; the median of used / own - 1 over the recorded iterations of each window. Averaging stale
+statistics shows as a bias of one sign; a small group's own noise as a spread around a small positive
+median. (BN divides by its own sigma^2_B in training: no row.)
 """
 import argparse
 import json
@@ -28,7 +30,8 @@ STATISTICS = ["mu_B", "sigma2_B", "g_B", "Psi_B"]
 AVERAGED = {"sigma2_B": "chi_avg", "Psi_B": "Psi_avg"}
 
 
-def load_stats(run_dir: pathlib.Path) -> tuple[str, dict]:
+def load_stats(run_dir: pathlib.Path) -> tuple[str, dict, str]:
+    """The run's label, its recorded series {layer: {statistic: [(step, value)]}} and its norm."""
     path = run_dir / "batch_stats.jsonl"
     if not path.is_file():
         sys.exit(f"error: {path} missing; train with stats.enabled=true")
@@ -40,21 +43,29 @@ def load_stats(run_dir: pathlib.Path) -> tuple[str, dict]:
                 series.setdefault(layer, {}).setdefault(key, []).append((record["step"], value))
     run = load_run(run_dir)
     label = f"{run.norm} b={run.norm_batch} N={run.batch_per_gpu}{run.tag} s{run.seed}" if run else run_dir.name
-    return label, series
+    return label, series, run.norm if run else ""
+
+
+def used_over_own(stats: dict, norm: str) -> list[tuple[int, float]]:
+    """(step, used / own - 1) of what the layer divides by in training against its group's own statistic."""
+    if "chi_avg" in stats:  # MABN: SMA of the second moment (NaN while its ring fills)
+        return [(step, avg / (var + mu * mu) - 1) for (step, avg), (_, var), (_, mu)
+                in zip(stats["chi_avg"], stats["sigma2_B"], stats["mu_B"]) if avg == avg]
+    if norm == "brn" and "running_var" in stats:
+        return [(step, run_var / var - 1) for (step, run_var), (_, var) in zip(stats["running_var"], stats["sigma2_B"])]
+    return []
 
 
 def lag_table(loaded: list, layers: list, edges: list[int]) -> list[str]:
-    """Markdown rows: median of chi_avg / chi_B - 1 per layer, run and window [edges[i], edges[i+1])."""
+    """Markdown rows: median of used / own - 1 per layer, MABN or BRN run and window [edges[i], edges[i+1])."""
     windows = list(zip(edges, edges[1:]))
-    rows = ["| layer | run | " + " | ".join(f"chi_avg/chi_B - 1, iterations [{a}, {b})" for a, b in windows) + " |",
+    rows = ["| layer | run | " + " | ".join(f"used/own - 1, iterations [{a}, {b})" for a, b in windows) + " |",
             "|---|---|" + "---|" * len(windows)]
     for layer in layers:
-        for label, series in loaded:
-            stats = series.get(layer, {})
-            if "chi_avg" not in stats:
+        for label, series, norm in loaded:
+            ratios = used_over_own(series.get(layer, {}), norm)
+            if not ratios:
                 continue
-            ratios = [(step, avg / (var + mu * mu) - 1) for (step, avg), (_, var), (_, mu)
-                      in zip(stats["chi_avg"], stats["sigma2_B"], stats["mu_B"]) if avg == avg]
             cells = []
             for a, b in windows:
                 inside = [r for step, r in ratios if a <= step < b]
@@ -77,17 +88,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run dirs trained with stats.enabled=true")
     parser.add_argument("--out", default="batch_stats.png")
-    parser.add_argument("--lag-windows", help="iterations bounding windows, e.g. 160,300,600: MABN's averaging lag per window")
+    parser.add_argument("--lag-windows", help="iterations bounding windows, e.g. 160,300,600: MABN's and BRN's averaging lag per window")
     args = parser.parse_args()
     edges = parse_edges(args.lag_windows) if args.lag_windows else None
     loaded = [load_stats(pathlib.Path(r)) for r in args.runs]
-    layers = sorted({layer for _, series in loaded for layer in series})
+    layers = sorted({layer for _, series, _ in loaded for layer in series})
     fig, axes = plt.subplots(len(layers), len(STATISTICS), figsize=(4 * len(STATISTICS), 3 * len(layers)), squeeze=False)
     columns = STATISTICS + list(AVERAGED.values())
     print("| layer | run | " + " | ".join(f"std {s}" for s in columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for row, layer in enumerate(layers):
-        for label, series in loaded:
+        for label, series, _ in loaded:
             stds = []
             for col, stat in enumerate(STATISTICS):
                 for name, style in ((stat, "-"), (AVERAGED.get(stat), "--")):

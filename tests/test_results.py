@@ -87,13 +87,23 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
                           "--out", str(tmp_path / "lag.png"), "--lag-windows", "0,2,4"], capture_output=True, text=True,
                          timeout=120)
     assert lag.returncode == 0, lag.stderr
-    rows = [line for line in lag.stdout.split("chi_avg/chi_B - 1", 1)[1].splitlines() if line.startswith("| bn1 |")]
+    rows = [line for line in lag.stdout.split("used/own - 1", 1)[1].splitlines() if line.startswith("| bn1 |")]
     assert len(rows) == len(mabn) == 2 and all(row.count("(n=2)") == 2 for row in rows)  # steps 0-1 and 2-3; no BN row
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), str(mabn[0]), "--lag-windows", "5,2"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --lag-windows='5,2' is not valid")
     for png in ("evb.png", "curves.png", "stats.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lag_compares_what_mabn_and_brn_divide_by_with_the_groups_own_and_skips_bn():
+    plot_batch_stats = load_script("plot_batch_stats")
+    own = {"mu_B": [(0, 1.0), (20, 1.0)], "sigma2_B": [(0, 1.0), (20, 3.0)]}
+    mabn = {**own, "chi_avg": [(0, float("nan")), (20, 6.0)]}  # NaN while the ring fills: skipped
+    brn = {**own, "running_var": [(0, 2.0), (20, 1.5)]}
+    assert plot_batch_stats.used_over_own(mabn, "mabn") == [(20, 6.0 / (3.0 + 1.0) - 1)]
+    assert plot_batch_stats.used_over_own(brn, "brn") == [(0, 1.0), (20, -0.5)]
+    assert plot_batch_stats.used_over_own(brn, "bn") == []  # BN trains on its own statistics
 
 
 def test_paper_numbers():
