@@ -65,16 +65,11 @@ def part_runs(part: str, seeds: list[int]) -> list[list[str]]:
     return runs
 
 
-def planned_runs(parts: list[str], seeds: list[int]) -> list[list[str]]:
-    """Overrides of every run of the plan (except `third`, decided from results), in run order."""
-    return [run for _, run in ranked_runs(parts, seeds)]
-
-
 Ranked = tuple[tuple[int, int, int], list[str]]  # ((part, 0 planned / 1 third seed, position), overrides)
 
 
 def ranked_runs(parts: list[str], seeds: list[int]) -> list[Ranked]:
-    """The plan's runs with their rank: lower runs first."""
+    """The plan's runs (all but `third`, decided from results) with their rank: lower runs first."""
     return [((PARTS.index(part), 0, i), run) for part in PARTS if part in parts for i, run in enumerate(part_runs(part, seeds))]
 
 
@@ -286,6 +281,7 @@ def main() -> int:
         print(f"error: {failures} runs failed; their logs are in {log_dir}", file=sys.stderr)
         return 1
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,9 @@ repro = load_script("repro")
 
 
 def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations_then_the_proposal():
-    runs = repro.planned_runs(list(repro.PARTS), [0, 1])
+    ranked = repro.ranked_runs(list(repro.PARTS), [0, 1])
+    runs = [run for _, run in ranked]
+    assert [rank for rank, _ in ranked] == sorted(rank for rank, _ in ranked)  # listed in run order
     assert len(runs) == 2 * (15 + 2 + 7 + 2) + 1  # figure 3 norms x 5 b, real b=2, ablations, proposal; GN once
     figure = [r for r in runs if r[0] in ("norm=bn", "norm=brn", "norm=mabn") and r[1].startswith("norm.norm_batch")
               and len(r) == 3]
