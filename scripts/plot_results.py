@@ -28,8 +28,10 @@ def error_lines(runs) -> dict:
 
     Runs at another per-process batch N than the panel's usual one (e.g. a real batch of 2 beside ghost
     batches in N = 32) get their own line. A per-sample norm (GN, LN, IN) has no normalization batch:
-    its runs stand at every b of the panel, so it is drawn flat, as in the paper's figure."""
-    usual_n = collections.Counter(r.batch_per_gpu for r in runs).most_common(1)[0][0]
+    its runs stand at every b of the panel, so it is drawn flat, as in the paper's figure. The usual N is the
+    most common one, a tie going to the larger N, as in results.figure_markdown's table."""
+    counts = collections.Counter(r.batch_per_gpu for r in runs)
+    usual_n = max(counts, key=lambda n: (counts[n], n))
     panels = collections.defaultdict(lambda: collections.defaultdict(lambda: collections.defaultdict(list)))
     for run in runs:
         line = run.tag + ("" if run.batch_per_gpu == usual_n else f" N={run.batch_per_gpu}")

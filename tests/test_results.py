@@ -123,3 +123,14 @@ def test_a_per_sample_norm_is_drawn_flat_over_the_panels_normalization_batches(s
     gn_line = [by_b for (norm, _), by_b in lines.items() if norm == "gn"]
     assert len(gn_line) == 1 and set(gn_line[0]) == {4, 8}
     assert gn_line[0][4] == gn_line[0][8] == [r.final_err for r in gn] and len(gn) == 2
+
+
+def test_the_plots_usual_n_is_the_most_common_and_a_tie_goes_to_the_larger_n_as_in_the_table(sweep_dir):
+    import dataclasses
+
+    plot = load_script("plot_results")
+    one = next(r for r in find_runs(sweep_dir) if r.finished)
+    at = lambda n, count: [dataclasses.replace(one, batch_per_gpu=n, norm_batch=2, seed=s) for s in range(count)]
+    labels = lambda runs: {label for _, label in next(iter(plot.error_lines(runs).values()))}
+    assert labels(at(2, 3) + at(32, 3)) == {"", " N=2"}  # a tie, the small N listed first: N = 32 is the usual one
+    assert labels(at(2, 4) + at(32, 3)) == {"", " N=32"}  # the most common N wins
