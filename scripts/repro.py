@@ -110,6 +110,22 @@ def is_finished(run_dir: pathlib.Path) -> bool:
     return metrics.is_file() and '"event": "finished"' in metrics.read_text()
 
 
+def epochs_done(run_dir: pathlib.Path) -> int:
+    """Epochs a run dir has recorded (0 before its first): what a resumed run does not train again."""
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        return 0
+    return sum('"val_top1_err"' in line for line in metrics.read_text().splitlines())
+
+
+def eta_hours(trained: list[tuple[float, int, int]], left: int, lanes: int) -> float:
+    """Hours for `left` more runs in `lanes` lanes, from this driver's finished runs as (minutes, epochs trained,
+    epochs in the run): minutes per epoch trained, so a resumed run's short rest does not pass for a whole run."""
+    minutes, epochs = sum(t[0] for t in trained), sum(t[1] for t in trained)
+    run_epochs = sum(t[2] for t in trained) / len(trained)
+    return minutes / max(epochs, 1) * run_epochs * left / lanes / 60
+
+
 def final_error(run_dir: pathlib.Path) -> float | None:
     """The last epoch's val top-1 error of a finished run, else None."""
     if not is_finished(run_dir):
@@ -168,7 +184,7 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
 
     `follow_up(rank, run)`, called after each finished run, returns more ranked runs to queue (third seeds)."""
     todo: queue.PriorityQueue = queue.PriorityQueue()
-    queued, failed, lock, finished_minutes = set(), [], threading.Lock(), []
+    queued, failed, lock, trained = set(), [], threading.Lock(), []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -191,7 +207,7 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
             except queue.Empty:
                 return
             log_file = log_dir / f"{run_dir.name}.log"
-            started = time.time()
+            started, epochs_before = time.time(), epochs_done(run_dir)
             print(f"[lane {index}] {i}/{len(queued)} start {run_dir.name} (log {log_file})", flush=True)
             cmd = [sys.executable, "-m", "mabn.train", *plan.overrides(run), "train.progress=false"]
             with open(log_file, "a") as log:
@@ -205,10 +221,10 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                         print(f"[lane {index}] queued {plan.run_dir(more).name}: its first two seeds differ by "
                               f"more than the spread", flush=True)
                 with lock:
-                    finished_minutes.append(minutes)
-                    left = len(queued) - len(finished_minutes) - len(failed)
-                    # a resumed run's minutes are only its rest: the estimate firms up as whole runs finish
-                    eta = sum(finished_minutes) / len(finished_minutes) * left / lanes / 60
+                    epochs = epochs_done(run_dir)
+                    trained.append((minutes, epochs - epochs_before, epochs))
+                    left = len(queued) - len(trained) - len(failed)
+                    eta = eta_hours(trained, left, lanes)
                 print(f"[lane {index}] {i}/{len(queued)} done  {run_dir.name}: top-1 err {final_error(run_dir):.2f} % "
                       f"in {minutes:.1f} min; {left} left, about {eta:.1f} h", flush=True)
             else:

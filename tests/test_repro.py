@@ -106,3 +106,13 @@ def test_a_third_seed_is_queued_once_two_seeds_differ_and_runs_before_the_next_p
     assert order == [f"imagenette64-resnet18_cpu-{n}-b32-n32-s{s}" for s, n in [(0, "mabn"), (0, "bn"), (1, "mabn"), (1, "bn")]] \
         + ["imagenette64-resnet18_cpu-bn-b32-n32-s2", "imagenette64-resnet18_cpu-bn-b2-n2-s0"]  # BN's third seed, not MABN's
     assert follow_up((0, 0, 1), ["norm=bn", "norm.norm_batch=32", "seed=1"]) == []  # finished: not queued again
+
+
+def test_the_estimate_counts_epochs_trained_so_a_resumed_runs_rest_is_not_taken_for_a_whole_run(tmp_path):
+    run_dir = tmp_path / "run"
+    assert repro.epochs_done(run_dir) == 0
+    _finished(run_dir, 25.0)
+    assert repro.epochs_done(run_dir) == 1
+    # one run resumed at epoch 4 of 8 (20 min for its last 4), one whole (40 min): 5 min an epoch
+    assert repro.eta_hours([(20.0, 4, 8), (40.0, 8, 8)], left=3, lanes=1) == pytest.approx(3 * 40 / 60)
+    assert repro.eta_hours([(20.0, 4, 8)], left=4, lanes=2) == pytest.approx(2 * 40 / 60)
