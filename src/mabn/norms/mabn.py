@@ -102,7 +102,9 @@ def push_and_average(layer: nn.Module, name: str, seen, stats: torch.Tensor, wan
             slots = (seen + torch.arange(groups - kept, groups, device=ring.device)) % window
             store_buffer(layer, name, ring.index_copy(0, slots, stats[-kept:]), backward)
         else:
-            ring[[(seen + k) % window for k in range(groups - kept, groups)]] = stats[-kept:]
+            # slots made on the device: a Python list index is a host-to-device copy, one sync per layer on a GPU
+            slots = (torch.arange(groups - kept, groups, device=ring.device) + seen) % window
+            ring.index_copy_(0, slots, stats[-kept:])
         return averaged
     if average == "ema":
         alpha = 2.0 / (window + 1)
