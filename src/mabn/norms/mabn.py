@@ -98,12 +98,11 @@ def push_and_average(layer: nn.Module, name: str, seen, stats: torch.Tensor, wan
             history = torch.cat([oldest_first, stats], dim=0)  # (m + G, C)
             averaged = history.unfold(0, window, 1)[1:].mean(-1)  # window ending at each new row
         kept = min(groups, window)
+        # slots made on the device, eager too: a Python list index is a host-to-device copy (a sync on a GPU)
+        slots = (seen + torch.arange(groups - kept, groups, device=ring.device)) % window
         if traced:
-            slots = (seen + torch.arange(groups - kept, groups, device=ring.device)) % window
             store_buffer(layer, name, ring.index_copy(0, slots, stats[-kept:]), backward)
         else:
-            # slots made on the device: a Python list index is a host-to-device copy, one sync per layer on a GPU
-            slots = (torch.arange(groups - kept, groups, device=ring.device) + seen) % window
             ring.index_copy_(0, slots, stats[-kept:])
         return averaged
     if average == "ema":
