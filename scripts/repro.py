@@ -110,12 +110,18 @@ def is_finished(run_dir: pathlib.Path) -> bool:
     return metrics.is_file() and '"event": "finished"' in metrics.read_text()
 
 
-def epochs_done(run_dir: pathlib.Path) -> int:
-    """Epochs a run dir has recorded (0 before its first): what a resumed run does not train again."""
+def epoch_records(run_dir: pathlib.Path) -> list[dict]:
+    """The per-epoch records of a run dir's metrics.jsonl (none before its first epoch)."""
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
-        return 0
-    return sum('"val_top1_err"' in line for line in metrics.read_text().splitlines())
+        return []
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    return [r for r in records if "epoch" in r]
+
+
+def epochs_done(run_dir: pathlib.Path) -> int:
+    """Epochs a run dir has recorded: what a resumed run does not train again."""
+    return len(epoch_records(run_dir))
 
 
 def eta_hours(trained: list[tuple[float, int, int]], left: int, lanes: int) -> float:
@@ -130,8 +136,7 @@ def final_error(run_dir: pathlib.Path) -> float | None:
     """The last epoch's val top-1 error of a finished run, else None."""
     if not is_finished(run_dir):
         return None
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    epochs = [r for r in records if "epoch" in r]
+    epochs = epoch_records(run_dir)
     return epochs[-1]["val_top1_err"] if epochs else None
 
 
