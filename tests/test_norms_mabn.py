@@ -232,3 +232,34 @@ def test_counters_follow_a_loaded_state_dict_and_outside_writes():
     expect = x / (chi.repeat_interleave(2, 0)[:, :, None, None] + EPS).sqrt()
     expect = expect * trained.weight[:, None, None] + trained.bias[:, None, None]
     torch.testing.assert_close(y, expect, **TOL)
+
+
+def test_one_group_runs_on_batch_norm_kernels_without_copies_of_x():
+    """One normalization group, past warmup, half-precision input: every pass over x-sized data is one of
+    torch's fused batch-norm kernels, the second-moment reduction, MABN's one in-place term, or autograd's
+    gradient write; no float32 copy of x, dy or y (each a full extra pass on a GPU under AMP)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    layer = MABN2d(8, window=2, warmup=2, renorm_start=3)
+    x = torch.randn(4, 8, 6, 6).bfloat16().requires_grad_(True)
+    dy = torch.randn(4, 8, 6, 6).bfloat16()
+    for _ in range(5):  # into the phase with averages and r on
+        layer(x).backward(dy)
+
+    class FullSize(TorchDispatchMode):
+        ops: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            tensors = [t for t in (*args, *(kwargs or {}).values(), out) if isinstance(t, torch.Tensor)]
+            if not func.is_view and any(t.numel() == x.numel() for t in tensors):
+                FullSize.ops.append(func.overloadpacket.__name__)
+            return out
+
+    x.grad = None
+    with FullSize():
+        y = layer(x)
+        y.backward(dy)
+    assert y.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    assert sorted(FullSize.ops) == sorted(["linalg_vector_norm", "native_batch_norm", "native_batch_norm_backward",
+                                           "addcmul_"]), FullSize.ops

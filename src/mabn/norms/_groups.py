@@ -65,11 +65,12 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     return torch.addcmul(shift, x, scale)
 
 
-def second_moment(groups: torch.Tensor) -> torch.Tensor:
+def second_moment(groups: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """mean(x^2) per (group, channel) of the (G, b, C, H*W) view, with no temporary of x's size (H*W
-    reduced first, then b, as `grad_sums`). MABN's chi_B; of centered values, BN's biased variance."""
+    reduced first, then b, as `grad_sums`), accumulated in `dtype` (default: the view's own).
+    MABN's chi_B; of centered values, BN's biased variance."""
     count = groups.shape[1] * groups.shape[3]
-    return torch.linalg.vector_norm(groups, 2, dim=3).square_().sum(1).div_(count)
+    return torch.linalg.vector_norm(groups, 2, dim=3, dtype=dtype).square_().sum(1).div_(count)
 
 
 def grad_sums(dy: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

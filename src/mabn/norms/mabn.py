@@ -160,26 +160,51 @@ def kernels(kind: str):
 class MABNFunction(torch.autograd.Function):
     """y = gamma r x / sqrt(var + eps) + beta per (group, channel), with MABN's backward (module docstring).
 
-    apply(x, weight, bias, inv_std, r, layer, warm): `inv_std` = 1 / sqrt(var + eps) and the clipped
-    `r` (G, C; None: r = 1) come from `MABN2d.forward`, which owns the forward statistics; the
-    backward advances the Psi ring of `layer`, averaging once `warm`.
+    apply(x, weight, bias, var, r, layer, warm): the variance `var` and the clipped `r` (G, C; None:
+    r = 1) come from `MABN2d.forward`, which owns the forward statistics; the backward advances the
+    Psi ring of `layer`, averaging once `warm`.
+
+    With one group and eager kernels, both passes run on torch's own eval-mode batch-norm kernels
+    (mean 0, variance `var`, weight gamma r): the forward is one fused pass in x's dtype and memory
+    format (no float32 copies under AMP), the backward one fused pass for grad_input, sum dy and
+    sum dy z, plus one in-place pass for MABN's own term. That is cuDNN's count of passes; the
+    generic path below (any G) takes about twice as many.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, inv_std, r, layer, warm):
-        _, scale_shift, _, _ = kernels(layer.kernel)
-        b = x.shape[0] // inv_std.shape[0]
-        r_inv_std = inv_std if r is None else r * inv_std
-        scale = weight * r_inv_std  # (G, C): gamma r / sqrt(var + eps)
-        y = scale_shift(x.to(inv_std.dtype), per_sample(scale, b), bias[:, None, None])
-        ctx.save_for_backward(x, inv_std, r_inv_std, scale)
+    def forward(ctx, x, weight, bias, var, r, layer, warm):
+        gamma_r = weight if r is None else weight * r  # (C,) or (G, C)
         ctx.layer, ctx.warm, ctx.weight_dtype = layer, warm, weight.dtype
+        if fused_path(layer, var):
+            gamma_r = gamma_r.reshape(-1)
+            ctx.save_for_backward(x, var, gamma_r, r)
+            return torch.batch_norm(x, gamma_r, bias, layer.zero_mean, var[0], False, 0.0, layer.eps,
+                                    torch.backends.cudnn.enabled)
+        _, scale_shift, _, _ = kernels(layer.kernel)
+        inv_std = (var + layer.eps).rsqrt()
+        b = x.shape[0] // inv_std.shape[0]
+        scale = gamma_r * inv_std  # (G, C): gamma r / sqrt(var + eps)
+        y = scale_shift(x.to(inv_std.dtype), per_sample(scale, b), bias[:, None, None])
+        ctx.save_for_backward(x, var, inv_std, scale, r)
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, inv_std, r_inv_std, scale = ctx.saved_tensors
         layer = ctx.layer
+        if fused_path(layer, ctx.saved_tensors[1]):
+            x, var, gamma_r, r = ctx.saved_tensors
+            count = x.numel() // x.shape[1]
+            # weight gamma r, mean 0: grad_input = dy gamma r / sqrt(var + eps) = g / sqrt(var + eps),
+            # "grad_weight" = sum dy z, "grad_bias" = sum dy
+            grad_x, sum_dy_z, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, gamma_r, layer.zero_mean, var[0], layer.zero_mean.new_empty(0),
+                layer.zero_mean.new_empty(0), False, layer.eps, [True, True, True])
+            psi = (gamma_r * sum_dy_z / count)[None]  # mean over the group of g z
+            mean_gz = average_psi(layer, psi, ctx.warm)
+            grad_x = grad_x.addcmul_(x, (mean_gz / (var + layer.eps))[:, :, None, None], value=-1)
+            grad_weight = sum_dy_z if r is None else r[0] * sum_dy_z
+            return grad_x, grad_weight.to(ctx.weight_dtype), sum_dy.to(ctx.weight_dtype), None, None, None, None
+        x, var, inv_std, scale, r = ctx.saved_tensors
         _, _, grad_sums, grad_input = kernels(layer.kernel)
         dtype = inv_std.dtype
         groups = group_view(layer, x, layer.norm_batch).to(dtype)
@@ -187,18 +212,28 @@ class MABNFunction(torch.autograd.Function):
         count = groups.shape[1] * groups.shape[3]
         sum_dy, sum_dy_x = grad_sums(dy, groups)  # (G, C) each
         psi = scale * sum_dy_x / count  # mean over the group of g z, g = dL/dy gamma r
-        seen = ring_position(layer, "psi_seen", psi.shape[0], backward=True)
-        averaged = push_and_average(layer, "psi_ring", seen, psi, want_average=ctx.warm and layer.average_backward,
-                                    backward=True)
-        mean_gz = moving_or_current(psi, averaged, seen, layer.window)
+        mean_gz = average_psi(layer, psi, ctx.warm)
         b = groups.shape[1]
         grad_x = grad_input(grad_out.to(dtype), x.to(dtype), per_sample(scale, b),
                             per_sample(inv_std * inv_std * mean_gz, b))
-        grad_weight = r_inv_std * sum_dy_x
+        grad_weight = sum_dy_x * inv_std if r is None else sum_dy_x * inv_std * r
         if grad_weight.shape[0] > 1:
             grad_weight, sum_dy = grad_weight.sum(0), sum_dy.sum(0)
         grad_weight, grad_bias = grad_weight.reshape(-1).to(ctx.weight_dtype), sum_dy.reshape(-1).to(ctx.weight_dtype)
         return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None
+
+
+def fused_path(layer: nn.Module, var: torch.Tensor) -> bool:
+    """Whether `MABNFunction` runs on torch's batch-norm kernels: one group, eager kernels."""
+    return var.shape[0] == 1 and layer.kernel == "eager"
+
+
+def average_psi(layer: nn.Module, psi: torch.Tensor, warm: bool) -> torch.Tensor:
+    """Push this backward's Psi_B rows (G, C) into the ring; the per-group mean of g z to use."""
+    seen = ring_position(layer, "psi_seen", psi.shape[0], backward=True)
+    averaged = push_and_average(layer, "psi_ring", seen, psi, want_average=warm and layer.average_backward,
+                                backward=True)
+    return moving_or_current(psi, averaged, seen, layer.window)
 
 
 class MABN2d(nn.Module):
@@ -252,6 +287,7 @@ class MABN2d(nn.Module):
         self.register_buffer("chi_seen", torch.tensor(0, dtype=torch.long))
         self.register_buffer("psi_seen", torch.tensor(0, dtype=torch.long))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+        self.register_buffer("zero_mean", torch.zeros(num_features), persistent=False)  # batch-norm kernels' mean, see MABNFunction
         self._host_counters: dict = {}  # see read_counter
         self.compiled_phase: tuple[bool, bool] | None = None  # set by mabn.compile.compile_model's hooks, see forward
 
@@ -276,19 +312,21 @@ class MABN2d(nn.Module):
             warm, r_on = self.phase_at(advance_counter(self, "num_batches_tracked", 1))
         with torch.no_grad():
             second_moment = kernels(self.kernel)[0]
-            groups = group_view(self, x, self.norm_batch).to(torch.promote_types(x.dtype, torch.float32))  # x^2 overflows in half
-            chi = second_moment(groups)  # (G, C)
+            # x^2 overflows in half: accumulate in float32, cast as read (no float32 copy of x)
+            accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+            chi = second_moment(group_view(self, x, self.norm_batch), accumulate)  # (G, C)
             seen = ring_position(self, "chi_seen", chi.shape[0])
             averaged = push_and_average(self, "chi_ring", seen, chi, want_average=warm and self.average_forward)
             var = moving_or_current(chi, averaged, seen, self.window)
-            var_eps = var + self.eps
-            inv_std = var_eps.rsqrt()
             r = None  # r = 1
             if r_on:
-                r = (var_eps.sqrt_() * torch.rsqrt(self.running_var + self.eps)).clamp_(1 / self.renorm_clip, self.renorm_clip)
+                r = ((var + self.eps) / (self.running_var + self.eps)).sqrt_().clamp_(1 / self.renorm_clip, self.renorm_clip)
             batch_var = var[0] if var.shape[0] == 1 else var.mean(0)
-            store_buffer(self, "running_var", torch.lerp(self.running_var, batch_var, 1 - self.momentum))
-        return MABNFunction.apply(x, self.weight, self.bias, inv_std, r, self, warm)
+            if torch.compiler.is_compiling():
+                store_buffer(self, "running_var", torch.lerp(self.running_var, batch_var, 1 - self.momentum))
+            else:
+                self.running_var.lerp_(batch_var, 1 - self.momentum)
+        return MABNFunction.apply(x, self.weight, self.bias, var, r, self, warm)
 
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) per channel of the eval-mode op y = gamma x / sqrt(running_var + eps) + beta."""
