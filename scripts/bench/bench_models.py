@@ -7,10 +7,9 @@ from mabn.compile import compile_model
 from mabn.fold import fold_norms
 from mabn.models import resnet50
 
-from .common import compare, markdown_table
+from .common import STEADY, compare, markdown_table
 
 NORMS = ["bn", "brn", "gn", "mabn"]
-STEADY = dict(warmup=0, renorm_start=0)  # MABN past its warmup from the first step: averages and r on
 # Training-step variants: each norm as configured (MABN in its steady state), MABN without its
 # centered conv weights (the share of MABN's step that is weight centering, which does not shrink
 # with the batch), and BN and MABN under torch.compile (train.compile=true).

@@ -7,6 +7,8 @@ from typing import Callable
 import torch
 from torch.utils.benchmark import Timer
 
+STEADY = dict(warmup=0, renorm_start=0)  # MABN past its warmup from the first step: averages and r on
+
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
@@ -43,3 +45,26 @@ def wall(fn: Callable[[], None], device: str) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
+
+
+def kernel_calls(fn: Callable[[], None]) -> int:
+    """How many compute ops one call of `fn` dispatches to the backend (views and allocations left out).
+
+    Each is one kernel launch on a GPU, or more: the cost that dominates when tensors are small (a real
+    batch of 2), and a count that machine noise cannot blur.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    free = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided", "detach", "lift_fresh"}
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view and func.overloadpacket.__name__ not in free:
+                Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.calls
