@@ -42,7 +42,7 @@ from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
 from mabn.norms import MABN2d, build_norm  # noqa: E402
 from scripts.bench import bench_models, bench_norms  # noqa: E402
-from scripts.bench.common import compare, markdown_table  # noqa: E402
+from scripts.bench.common import compare, kernel_calls, markdown_table  # noqa: E402
 
 NVIDIA_A100_RN50_AMP = 2470  # img/s, DeepLearningExamples ResNet-50 v1.5, A100 80GB, AMP, batch 256 (published)
 PAPER_INFERENCE = {"bn": 237.88, "mabn folded": 237.88, "gn": 99.37, "ln": 125.44, "in": 105.60}  # it/s, SPEC §5
@@ -317,11 +317,12 @@ def step_speed(check: Check) -> str:
             fns[name] = lambda net=net, opt=opt, scaler=scaler, x=x, y=y: amp_step(net, opt, scaler, x, y, check.device)
         times = compare(fns, check.device, **check.timing())
         for name, t in times.items():
-            rows.append([str(batch), name, f"{batch / t:.1f}", f"{t / times['bn']:.2f}"])
+            ops = "-" if name in compiled else str(kernel_calls(fns[name]))  # launches bound the real batch of 2
+            rows.append([str(batch), name, f"{batch / t:.1f}", f"{t / times['bn']:.2f}", ops])
             check.numbers[f"step_{name.replace(' ', '_')}_n{batch}_over_bn"] = t / times["bn"]
     text = (f"{shape['arch']} at {shape['resolution']} px, AMP ({amp_dtype}) + channels_last, forward + backward + SGD step "
             f"(targets MABN / BN <= 1.10 at N = 32, <= 1.25 at N = 2):\n\n")
-    return text + markdown_table(["N", "norm", "images/s", "time / BN"], rows)
+    return text + markdown_table(["N", "norm", "images/s", "time / BN", "ops"], rows)
 
 
 def bn_throughput(check: Check) -> str:

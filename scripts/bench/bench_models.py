@@ -7,7 +7,7 @@ from mabn.compile import compile_model
 from mabn.fold import fold_norms
 from mabn.models import resnet50
 
-from .common import STEADY, compare, markdown_table
+from .common import STEADY, compare, kernel_calls, markdown_table
 
 NORMS = ["bn", "brn", "gn", "mabn"]
 # Training-step variants: each norm as configured (MABN in its steady state), MABN without its
@@ -54,8 +54,10 @@ def train_step_rows(device, resolution, batches, quick, compiled=False):
             fns[norm] = step
         times = compare(fns, device, rounds=2 if quick else 3, min_run_time=0.5 if quick else 1.0)
         for norm in variants:
-            memory = "-" if norm in COMPILED_VARIANTS else f"{saved_activation_bytes(models[norm], x, y) / 2**20:.0f}"
-            rows.append([str(batch), norm, f"{batch / times[norm]:.1f}", f"{times[norm] / times['bn']:.2f}", memory])
+            eager = norm not in COMPILED_VARIANTS
+            memory = f"{saved_activation_bytes(models[norm], x, y) / 2**20:.0f}" if eager else "-"
+            ops = str(kernel_calls(fns[norm])) if eager else "-"  # what bounds a real batch of 2 on a GPU
+            rows.append([str(batch), norm, f"{batch / times[norm]:.1f}", f"{times[norm] / times['bn']:.2f}", memory, ops])
             ratios[f"{norm.replace(', ', '_').replace(' ', '_')}_b{batch}"] = times[norm] / times["bn"]
     return rows, ratios
 
@@ -82,7 +84,7 @@ def run(device: str, quick: bool = False, compiled: bool = True) -> tuple[str, d
     infer_rows, infer_ratios = inference_rows(device, resolution, 32 if not quick else 8, quick)
     text = (f"Training step, ResNet-50 at {resolution} px (forward, backward, SGD step; MABN past its warmup; "
             f"targets MABN / BN <= 1.10 at batch 32, <= 1.25 at batch 2, compiled where that is faster):\n\n")
-    text += markdown_table(["batch", "norm", "images/s", "time / BN", "saved activations (MiB)"], train_rows)
+    text += markdown_table(["batch", "norm", "images/s", "time / BN", "saved activations (MiB)", "ops"], train_rows)
     text += f"\nInference, ResNet-50 at {resolution} px, eval mode:\n\n"
     text += markdown_table(["model", "images/s", "time / BN"], infer_rows)
     return text, {**train_ratios, **infer_ratios}
