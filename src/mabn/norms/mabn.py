@@ -175,7 +175,8 @@ class MABNFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, var, r, layer, warm):
         gamma_r = weight if r is None else weight * r  # (C,) or (G, C)
         ctx.layer, ctx.warm, ctx.weight_dtype = layer, warm, weight.dtype
-        if fused_path(layer, var):
+        ctx.fused = var.shape[0] == 1 and layer.kernel == "eager"
+        if ctx.fused:
             gamma_r = gamma_r.reshape(-1)
             ctx.save_for_backward(x, var, gamma_r, r)
             return torch.batch_norm(x, gamma_r, bias, layer.zero_mean, var[0], False, 0.0, layer.eps,
@@ -191,7 +192,7 @@ class MABNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         layer = ctx.layer
-        if fused_path(layer, ctx.saved_tensors[1]):
+        if ctx.fused:
             x, var, gamma_r, r = ctx.saved_tensors
             count = x.numel() // x.shape[1]
             # weight gamma r, mean 0: grad_input = dy gamma r / sqrt(var + eps) = g / sqrt(var + eps),
@@ -221,11 +222,6 @@ class MABNFunction(torch.autograd.Function):
             grad_weight, sum_dy = grad_weight.sum(0), sum_dy.sum(0)
         grad_weight, grad_bias = grad_weight.reshape(-1).to(ctx.weight_dtype), sum_dy.reshape(-1).to(ctx.weight_dtype)
         return grad_x.to(x.dtype), grad_weight, grad_bias, None, None, None, None
-
-
-def fused_path(layer: nn.Module, var: torch.Tensor) -> bool:
-    """Whether `MABNFunction` runs on torch's batch-norm kernels: one group, eager kernels."""
-    return var.shape[0] == 1 and layer.kernel == "eager"
 
 
 def average_psi(layer: nn.Module, psi: torch.Tensor, warm: bool) -> torch.Tensor:
