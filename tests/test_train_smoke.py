@@ -68,3 +68,17 @@ def test_data_root_without_val_split(tmp_path):
     (tmp_path / "data" / "train" / "n01").mkdir(parents=True)
     out = _run(train_command(tmp_path / "data", tmp_path / "out"))
     assert out.returncode == 2 and "has no val/ folder" in out.stderr
+
+
+def test_accumulation_epoch_ends_with_its_last_whole_window(tiny_shapes, tmp_path):
+    """80 images in batches of 4 are 20 micro-batches, 6 whole windows of 3: each epoch trains 18 and stops.
+    Training the 2 left over would add their gradients into the next epoch's first step (and feed the norms
+    forwards the schedule does not count)."""
+    out = _run(train_command(tiny_shapes, tmp_path, "norm=bn", "data.batch_per_gpu=4", "train.grad_accum=3",
+                             "schedule.epochs=2"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = tmp_path / "train" / "shapes10-resnet18_cpu-bn-b4-n4-s0"
+    state = torch.load(sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1], weights_only=True)
+    assert state["progress"]["step"] == 12
+    tracked = {v.item() for k, v in state["model"].items() if k.endswith("num_batches_tracked")}
+    assert tracked == {2 * 6 * 3}, tracked  # training forwards: 2 epochs x 6 windows x 3 micro-batches

@@ -154,10 +154,13 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
     """
     cfg, info, model = job.cfg, job.info, job.model
     accum = cfg.train.grad_accum
+    # The epoch ends with its last whole accumulation window (the schedule counts steps_per_epoch): a
+    # trailing partial window would leave its gradients to be added into the next epoch's first step.
+    epoch_batches = job.steps_per_epoch * accum
     model.train()
     job.loaders.set_epoch(progress.epoch, progress.batch)
     bar = tqdm(
-        total=min(job.loaders.train_batches, cfg.train.max_batches_per_epoch or job.loaders.train_batches),
+        total=epoch_batches,
         initial=progress.batch, disable=not (info.is_main and cfg.train.progress),
         desc=f"epoch {progress.epoch + 1}/{cfg.schedule.epochs}", unit="batch", dynamic_ncols=True,
     )
@@ -172,7 +175,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
     last_ckpt_time, tick = time.monotonic(), time.perf_counter()
     latest = LatestLoss(info.device)
     for images_cpu, labels, skipped in job.loaders.train:
-        if progress.batch >= job.loaders.train_batches:
+        if progress.batch >= epoch_batches:
             break
         data_time += time.perf_counter() - tick
         skipped_images += skipped
@@ -238,7 +241,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
         bar.update(1)
         if info.is_main and cfg.train.progress and progress.batch % 10 == 0:
             bar.set_postfix(loss=f"{latest.read():.3f}", lr=f"{job.optimizer.param_groups[0]['lr']:.4f}")
-        if cfg.train.max_batches_per_epoch and progress.batch >= cfg.train.max_batches_per_epoch:
+        if progress.batch >= epoch_batches:
             break
         tick = time.perf_counter()
     bar.close()
