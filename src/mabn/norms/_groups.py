@@ -98,6 +98,16 @@ def store_buffer(layer, name: str, value: torch.Tensor, backward: bool = False) 
             getattr(layer, name).copy_(value)
 
 
+def lerp_buffer(layer, name: str, end: torch.Tensor, weight: float) -> None:
+    """Move running-statistic buffer `name` of `layer` toward `end` by `weight` (no autograd): one
+    in-place lerp in eager mode; under torch.compile rebound, for the reason `store_buffer` gives."""
+    with torch.no_grad():
+        if torch.compiler.is_compiling():
+            setattr(layer, name, torch.lerp(getattr(layer, name), end, weight).detach())
+        else:
+            getattr(layer, name).lerp_(end, weight)
+
+
 def per_group(t: torch.Tensor) -> torch.Tensor:
     """A (G, C) statistic (or a (C,) parameter) shaped to broadcast against the (G, b, C, H*W) view."""
     return t[:, None, :, None] if t.dim() == 2 else t[:, None]

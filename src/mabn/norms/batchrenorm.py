@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ._groups import check_input, is_int, is_number, require, store_buffer
+from ._groups import check_input, is_int, is_number, lerp_buffer, require, store_buffer
 from .batchnorm import GroupBatchNormFunction
 
 
@@ -62,8 +62,8 @@ class BatchRenorm2d(nn.Module):
             return x * scale[:, None, None] + shift[:, None, None]
         store_buffer(self, "num_batches_tracked", self.num_batches_tracked + 1)  # r_max and d_max follow it
         y, mean, var = GroupBatchNormFunction.apply(x, self.weight, self.bias, self, self.renorm_factors)
-        store_buffer(self, "running_mean", torch.lerp(self.running_mean, mean.mean(0), self.momentum))
-        store_buffer(self, "running_std", torch.lerp(self.running_std, torch.sqrt(var + self.eps).mean(0), self.momentum))
+        lerp_buffer(self, "running_mean", mean.mean(0), self.momentum)
+        lerp_buffer(self, "running_std", torch.sqrt(var + self.eps).mean(0), self.momentum)
         return y
 
     def renorm_factors(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

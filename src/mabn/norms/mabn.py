@@ -13,8 +13,8 @@ one forward as consecutive entries, so a window of m groups spans this and earli
 import torch
 from torch import nn
 
-from ._groups import (check_input, grad_sums, group_view, is_int, is_number, layer_label, per_sample, require, scale_shift,
-                      second_moment, store_buffer)
+from ._groups import (check_input, grad_sums, group_view, is_int, is_number, layer_label, lerp_buffer, per_sample, require,
+                      scale_shift, second_moment, store_buffer)
 
 AVERAGES = ("sma", "ema")
 
@@ -309,7 +309,7 @@ class MABN2d(nn.Module):
         with torch.no_grad():
             second_moment = kernels(self.kernel)[0]
             # x^2 overflows in half: accumulate in float32, cast as read (no float32 copy of x)
-            accumulate = torch.float64 if x.dtype == torch.float64 else torch.float32
+            accumulate = torch.promote_types(x.dtype, torch.float32)
             chi = second_moment(group_view(self, x, self.norm_batch), accumulate)  # (G, C)
             seen = ring_position(self, "chi_seen", chi.shape[0])
             averaged = push_and_average(self, "chi_ring", seen, chi, want_average=warm and self.average_forward)
@@ -318,10 +318,7 @@ class MABN2d(nn.Module):
             if r_on:
                 r = ((var + self.eps) / (self.running_var + self.eps)).sqrt_().clamp_(1 / self.renorm_clip, self.renorm_clip)
             batch_var = var[0] if var.shape[0] == 1 else var.mean(0)
-            if torch.compiler.is_compiling():
-                store_buffer(self, "running_var", torch.lerp(self.running_var, batch_var, 1 - self.momentum))
-            else:
-                self.running_var.lerp_(batch_var, 1 - self.momentum)
+            lerp_buffer(self, "running_var", batch_var, 1 - self.momentum)
         return MABNFunction.apply(x, self.weight, self.bias, var, r, self, warm)
 
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
