@@ -3,6 +3,7 @@
 
   make gpu-check GPU_CHECK_OUT=$OUT          # on the GPU machine (see README "GPU check")
   python scripts/gpu_check.py --out DIR --dry-run   # the same code on CPU at toy sizes (what the test runs)
+  make gpu-check GPU_CHECK_OUT=$OUT ARGS="--only 9 --compile-steps 32:default,2:reduce-overhead"  # a focused call
 
 Writes DIR/gpu_check.md and DIR/gpu_check.json and prints the summary table last. Each section runs
 on its own: a failure is reported with its traceback and the next section still runs.
@@ -36,7 +37,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.bench
 # torch.utils.benchmark's import logs "No CUDA runtime is found" on CPU machines: noise before our one-line answer
 logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-from mabn.compile import compile_model  # noqa: E402
+from mabn.compile import MODES, compile_model  # noqa: E402
 from mabn.engine import autocast  # noqa: E402
 from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
@@ -62,8 +63,8 @@ def amp_step(net, opt, scaler, x, y, device: str) -> torch.Tensor:
 class Check:
     """Collects sections (markdown), numbers (json) and summary rows (name, result, detail)."""
 
-    def __init__(self, device: str, dry: bool):
-        self.device, self.dry = device, dry
+    def __init__(self, device: str, dry: bool, compile_steps: tuple = ((2, "default"),)):
+        self.device, self.dry, self.compile_steps = device, dry, compile_steps
         self.sections, self.numbers, self.summary = [], {}, []
 
     def section(self, title: str, fn) -> None:
@@ -288,22 +289,34 @@ def norm_speed(check: Check) -> str:
     return text
 
 
+def parse_compile_steps(text: str) -> tuple:
+    """`--compile-steps` "2:default,32:reduce-overhead" -> ((2, "default"), (32, "reduce-overhead"))."""
+    items = []
+    for item in filter(None, text.split(",")):
+        batch, _, mode = item.partition(":")
+        if batch not in ("32", "2") or mode not in MODES:
+            raise ValueError(f"--compile-steps item {item!r} is not valid; valid: N:MODE with N 32 or 2 and MODE one of "
+                             f"{', '.join(MODES)}, comma-separated (or empty for none)")
+        items.append((int(batch), mode))
+    return tuple(items)
+
+
 def step_speed(check: Check) -> str:
     shape, cuda = resnet_shape(check), check.device.startswith("cuda")
     amp_dtype = torch.float16 if cuda else torch.bfloat16
     rows = []
     steady = bench_models.STEADY  # MABN past its warmup: averages and r on
-    variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn", **steady),
-                "mabn compiled kernels": dict(norm="mabn", kernel="compiled", **steady)}
-    compiled = {"bn train.compile": dict(norm="bn"), "mabn train.compile": dict(norm="mabn", **steady)}
-    if check.dry:
-        variants.pop("mabn compiled kernels")
-    for batch in ((8, 2) if check.dry else (32, 2)):
-        # torch.compile of the whole model where launches dominate: the real batch of 2 (a compile per
-        # model costs about a minute; the dry run leaves it to tests/test_compile.py)
-        todo = {**variants, **(compiled if batch == 2 and not check.dry else {})}
-        x = torch.randn(batch, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (batch,), device=check.device)
+    variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn", **steady)}
+    for batch in (32, 2):
+        # train.compile (torch.compile of the whole model) where --compile-steps asks: about a minute a model
+        # on an H100 machine, so only where it can decide a target (default: the launch-bound real batch of 2).
+        # The dry run traces with the eager backend: the same hooks and phases, no code generation.
+        compiled = {f"{norm} train.compile{'' if mode == 'default' else ' ' + mode}": (mode, variants[norm])
+                    for n, mode in check.compile_steps if n == batch for norm in ("bn", "mabn")}
+        todo = {**variants, **{name: kwargs for name, (_, kwargs) in compiled.items()}}
+        n = batch if not check.dry else {32: 8, 2: 2}[batch]
+        x = torch.randn(n, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
+        y = torch.randint(0, 1000, (n,), device=check.device)
         fns = {}
         for name, kwargs in todo.items():
             torch.manual_seed(0)
@@ -312,16 +325,19 @@ def step_speed(check: Check) -> str:
             opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
             scaler = torch.amp.GradScaler("cuda", enabled=cuda)
             if name in compiled:
-                net = compile_model(net)  # compiled by compare's warm-up call
+                # compiled by compare's warm-up call; named first, so that a crash there shows which
+                print(f"   N = {n}: {name} compiles on its first step", file=sys.stderr, flush=True)
+                net = compile_model(net, mode=compiled[name][0], backend="eager" if check.dry else "inductor")
 
             fns[name] = lambda net=net, opt=opt, scaler=scaler, x=x, y=y: amp_step(net, opt, scaler, x, y, check.device)
         times = compare(fns, check.device, **check.timing())
         for name, t in times.items():
             ops = "-" if name in compiled else str(kernel_calls(fns[name]))  # launches bound the real batch of 2
-            rows.append([str(batch), name, f"{batch / t:.1f}", f"{t / times['bn']:.2f}", ops])
-            check.numbers[f"step_{name.replace(' ', '_')}_n{batch}_over_bn"] = t / times["bn"]
+            rows.append([str(n), name, f"{n / t:.1f}", f"{t / times['bn']:.2f}", ops])
+            check.numbers[f"step_{name.replace(' ', '_')}_n{n}_over_bn"] = t / times["bn"]
     text = (f"{shape['arch']} at {shape['resolution']} px, AMP ({amp_dtype}) + channels_last, forward + backward + SGD step "
-            f"(targets MABN / BN <= 1.10 at N = 32, <= 1.25 at N = 2):\n\n")
+            f"(targets MABN / BN <= 1.10 at N = 32, <= 1.25 at N = 2; `train.compile` rows: --compile-steps "
+            f"{','.join(f'{b}:{m}' for b, m in check.compile_steps) or '(none)'}; time / BN against eager BN):\n\n")
     return text + markdown_table(["N", "norm", "images/s", "time / BN", "ops"], rows)
 
 
@@ -395,7 +411,15 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
     parser.add_argument("--dry-run", action="store_true", help="run everything on CPU at toy sizes")
     parser.add_argument("--only", help="comma-separated section numbers (1-based) to run")
+    parser.add_argument("--compile-steps", default="2:default",
+                        help="train.compile rows of the ResNet-50 step table, N:MODE comma-separated "
+                             f"(N 32 or 2; MODE {', '.join(MODES)}); default 2:default, empty for none")
     args = parser.parse_args()
+    try:
+        compile_steps = parse_compile_steps(args.compile_steps)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not args.dry_run and not torch.cuda.is_available():
         print("error: no CUDA device is visible; `python scripts/gpu_check.py --dry-run --out DIR` runs the same code on CPU",
               file=sys.stderr)
@@ -411,7 +435,7 @@ def main() -> int:
             return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run)
+    check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run, compile_steps)
     started = time.time()
     for index, (title, fn) in enumerate(SECTIONS, 1):
         if only is None or index in only:

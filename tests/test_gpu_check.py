@@ -25,3 +25,11 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--out", str(tmp_path)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stderr.startswith("error: no CUDA device") and len(done.stderr.splitlines()) == 1
+
+
+def test_bad_compile_steps_fail_in_one_line_before_anything_is_written(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), "--compile-steps", "32:fast"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: --compile-steps item '32:fast' is not valid; valid: N:MODE") and not out.exists()
