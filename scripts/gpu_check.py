@@ -63,7 +63,7 @@ def amp_step(net, opt, scaler, x, y, device: str) -> torch.Tensor:
 class Check:
     """Collects sections (markdown), numbers (json) and summary rows (name, result, detail)."""
 
-    def __init__(self, device: str, dry: bool, compile_steps: tuple = ((2, "default"),)):
+    def __init__(self, device: str, dry: bool, compile_steps: tuple):
         self.device, self.dry, self.compile_steps = device, dry, compile_steps
         self.sections, self.numbers, self.summary = [], {}, []
 
@@ -289,12 +289,15 @@ def norm_speed(check: Check) -> str:
     return text
 
 
+STEP_BATCHES = (32, 2)  # N of the ResNet-50 step table: the paper's batch and a real batch of 2
+
+
 def parse_compile_steps(text: str) -> tuple:
     """`--compile-steps` "2:default,32:reduce-overhead" -> ((2, "default"), (32, "reduce-overhead"))."""
     items = []
     for item in filter(None, text.split(",")):
         batch, _, mode = item.partition(":")
-        if batch not in ("32", "2") or mode not in MODES:
+        if batch not in {str(n) for n in STEP_BATCHES} or mode not in MODES:
             raise ValueError(f"--compile-steps item {item!r} is not valid; valid: N:MODE with N 32 or 2 and MODE one of "
                              f"{', '.join(MODES)}, comma-separated (or empty for none)")
         items.append((int(batch), mode))
@@ -307,7 +310,7 @@ def step_speed(check: Check) -> str:
     rows = []
     steady = bench_models.STEADY  # MABN past its warmup: averages and r on
     variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn", **steady)}
-    for batch in (32, 2):
+    for batch in STEP_BATCHES:
         # train.compile (torch.compile of the whole model) where --compile-steps asks: about a minute a model
         # on an H100 machine, so only where it can decide a target (default: the launch-bound real batch of 2).
         # The dry run traces with the eager backend: the same hooks and phases, no code generation.
