@@ -175,7 +175,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
     last_ckpt_time, tick = time.monotonic(), time.perf_counter()
     latest = LatestLoss(info.device)
     for images_cpu, labels, skipped in job.loaders.train:
-        if progress.batch >= epoch_batches:
+        if progress.batch >= epoch_batches:  # resumed at the epoch's end (the check at the bottom ends a running epoch)
             break
         data_time += time.perf_counter() - tick
         skipped_images += skipped
