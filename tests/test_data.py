@@ -297,3 +297,28 @@ def test_resize_tree_makes_a_small_copy_once(tiny_shapes, tmp_path):
     assert sorted(p.name for p in (root / "val").iterdir()) == sorted(p.name for p in (tiny_shapes / "val").iterdir())
     stamp = (root / "RESIZED").stat().st_mtime_ns
     assert resolve_root(cfg) == root and (root / "RESIZED").stat().st_mtime_ns == stamp  # reused, not redone
+
+
+def test_a_second_process_waits_for_the_copy_being_written_and_reuses_it(tiny_shapes, tmp_path):
+    """Two trainers started together (the repro lanes) once both wrote the same resized copy: one deleted the
+    other's staging folder mid-write (FileNotFoundError). The second now waits on the lock and reuses the copy."""
+    from mabn.data.lock import exclusive
+    from mabn.data.prepare import _resize_tree
+
+    dst = tmp_path / "small"
+    code = ("import sys; from mabn.data.prepare import resize_tree; print('ready', flush=True); "
+            f"resize_tree({str(tiny_shapes)!r}, {str(dst)!r}, 16, workers=1, progress=False); print('done')")
+    with exclusive(dst):
+        other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                                 env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+        assert other.stdout.readline().strip() == "ready"
+        try:
+            other.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            pass
+        assert other.poll() is None and not dst.exists() and not dst.with_name(".small.partial").exists()
+        _resize_tree(tiny_shapes, dst, 16, workers=1, progress=False)  # this process writes the copy
+        stamp = (dst / "RESIZED").stat().st_mtime_ns
+    out, _ = other.communicate(timeout=60)
+    assert other.returncode == 0 and out.strip() == "done"
+    assert (dst / "RESIZED").stat().st_mtime_ns == stamp and len(list(dst.rglob("*.JPEG"))) == 110

@@ -12,6 +12,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 from .folder import DatasetError, class_names
+from .lock import exclusive
 
 
 def run_cli(action) -> int:
@@ -141,6 +142,11 @@ def resize_tree(src: str | os.PathLike, dst: str | os.PathLike, short_side: int,
     so that small-resolution experiments do not decode full-size images every epoch. Written to a
     staging folder and renamed into place when complete; an existing complete copy is reused."""
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    with exclusive(dst):  # a second process started at the same time waits here, then reuses the copy
+        return _resize_tree(src, dst, short_side, workers, progress)
+
+
+def _resize_tree(src: pathlib.Path, dst: pathlib.Path, short_side: int, workers: int, progress: bool) -> pathlib.Path:
     marker = dst / "RESIZED"
     if marker.is_file() and marker.read_text().strip() == f"{src.resolve()} {short_side}":
         return dst

@@ -14,6 +14,8 @@ import tempfile
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from .lock import exclusive
+
 CLASSES = [
     "circle", "square", "triangle", "star", "cross",
     "ring", "horizontal_stripes", "vertical_stripes", "checkerboard", "diagonal_stripes",
@@ -93,9 +95,14 @@ def generate(root: str | os.PathLike, train_per_class: int = 260, val_per_class:
              seed: int = 0, progress: bool = True) -> pathlib.Path:
     """Write the dataset under `root` (atomically: a half-written tree is never left behind)."""
     root = pathlib.Path(root)
+    with exclusive(root):  # a second process started at the same time waits here, then reuses the tree
+        return _generate(root, train_per_class, val_per_class, size, seed, progress)
+
+
+def _generate(root: pathlib.Path, train_per_class: int, val_per_class: int, size: int, seed: int,
+              progress: bool) -> pathlib.Path:
     if (root / "VERSION").is_file() and (root / "VERSION").read_text().strip() == VERSION:
         return root
-    root.parent.mkdir(parents=True, exist_ok=True)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".shapes-", dir=root.parent))
     rng = random.Random(seed)
     jobs = [(split, label, k) for split, per in (("train", train_per_class), ("val", val_per_class))
