@@ -222,17 +222,20 @@ def test_mabn_detector_at_a_real_batch_of_2_learns_and_resumes_bitwise():
 
     model = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    losses = [step(model, opt, k) for k in range(16)]
+    losses = [step(model, opt, k) for k in range(24)]  # six passes over the 4 batches
     assert all(map(torch.isfinite, torch.tensor(losses)))
-    assert sum(losses[-4:]) < 0.9 * sum(losses[:4]), losses  # measured: 6.1 vs 7.6
+    # The last two passes against the first, per pass: one pass's loss swings by a factor of 2 between
+    # steps, and a 4-step comparison failed at 2 threads (different rounding, one spike at step 15).
+    # Measured over 5 init seeds at 1 and 2 threads: 0.58-0.82 of the first pass.
+    assert sum(losses[-8:]) / 2 < 0.9 * sum(losses[:4]), losses
     mabn = [m for m in model.modules() if isinstance(m, MABN2d)]
-    assert mabn and all(int(m.num_batches_tracked) == 16 for m in mabn)
+    assert mabn and all(int(m.num_batches_tracked) == 24 for m in mabn)
 
     saved = {"model": copy.deepcopy(model.state_dict()), "opt": copy.deepcopy(opt.state_dict()), "rng": torch.get_rng_state()}
-    straight = [step(model, opt, k) for k in range(16, 19)]
+    straight = [step(model, opt, k) for k in range(24, 27)]
     resumed = build()
     resumed.load_state_dict(saved["model"])
     opt2 = torch.optim.SGD(resumed.parameters(), lr=0.01, momentum=0.9)
     opt2.load_state_dict(saved["opt"])
     torch.set_rng_state(saved["rng"])  # the RPN and ROI samplers draw from it
-    assert [step(resumed, opt2, k) for k in range(16, 19)] == straight
+    assert [step(resumed, opt2, k) for k in range(24, 27)] == straight
