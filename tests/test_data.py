@@ -1,6 +1,7 @@
 """Both loaders on generated trees: same labels, batches, shards and augmentation; preparation scripts."""
 import collections
 import logging
+import os
 import pathlib
 import subprocess
 import sys
@@ -306,11 +307,11 @@ def test_a_second_process_waits_for_the_copy_being_written_and_reuses_it(tiny_sh
     from mabn.data.prepare import _resize_tree
 
     dst = tmp_path / "small"
-    code = ("import sys; from mabn.data.prepare import resize_tree; print('ready', flush=True); "
+    code = ("from mabn.data.prepare import resize_tree; print('ready', flush=True); "
             f"resize_tree({str(tiny_shapes)!r}, {str(dst)!r}, 16, workers=1, progress=False); print('done')")
     with exclusive(dst):
         other = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
-                                 env={**__import__("os").environ, "PYTHONPATH": str(ROOT / "src")})
+                                 env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
         assert other.stdout.readline().strip() == "ready"
         try:
             other.wait(timeout=1.0)

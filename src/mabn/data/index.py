@@ -8,7 +8,6 @@ lists them. `load_index` caches it under `.cache/index/`, keyed by the folder an
 modification times of the split and class folders (adding or removing a file changes its folder's), and
 builds it under a file lock, so the ranks of a run, and later runs, share one scan.
 """
-import fcntl
 import hashlib
 import json
 import os
@@ -16,6 +15,8 @@ import pathlib
 
 import numpy as np
 from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .lock import exclusive
 
 INDEX_VERSION = 1
 CACHE_DIR = ".cache/index"  # relative to where training starts (the checkout, for make train)
@@ -102,8 +103,7 @@ def load_index(split_dir: str | os.PathLike, classes: list[str], cache_dir: str 
     except OSError:
         return FileIndex.scan(split_dir, classes)  # read-only place: scan, as ImageFolder would
     cache = cache_file(split_dir, cache_dir)
-    with open(cache.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another rank may be writing it: wait, then read its result
+    with exclusive(cache):  # another rank may be writing it: wait, then read its result
         index = _read(cache, split_dir, classes, sig)
         if index is None:
             index = FileIndex.scan(split_dir, classes)
