@@ -3,14 +3,16 @@
 
   make gpu-check GPU_CHECK_OUT=$OUT          # on the GPU machine (see README "GPU check")
   python scripts/gpu_check.py --out DIR --dry-run   # the same code on CPU at toy sizes (what the test runs)
-  make gpu-check GPU_CHECK_OUT=$OUT ARGS="--only 9 --compile-steps 32:default,2:reduce-overhead"  # a focused call
+  make gpu-check GPU_CHECK_OUT=$OUT ARGS="--only 7,10 --compile-steps 32:reduce-overhead"  # a focused call
 
-Writes DIR/gpu_check.md and DIR/gpu_check.json and prints the summary table last. Each section runs
-on its own: a failure is reported with its traceback and the next section still runs.
+Writes DIR/gpu_check.md and DIR/gpu_check.json (after every section, so a crash keeps what ran) and prints
+the summary table last. Each section runs on its own: a failure is reported with its traceback and the next
+section still runs.
 
 Sections: environment; correctness (the float64 reference tests on the device, GN/LN/IN against
 torch, MABN under float16/bfloat16 autocast, folding ResNet-50, 30 steps of ResNet-50 with AMP +
-channels_last whose loss falls, and a save-at-15 / reload resume that repeats steps 16-30 bitwise);
+channels_last whose loss falls, a save-at-15 / reload resume that repeats steps 16-30 bitwise, and
+`train.compile` with CUDA graphs through MABN's phases against eager, in a child process);
 the device-to-host syncs left in a steady-state step; speed side by side (norm layers vs cuDNN BN,
 ResNet-50 training steps at N = 32 and 2 per norm, BN at batch 256 against NVIDIA's published
 A100 number, inference as the paper's throughput table, the input pipelines).
@@ -41,7 +43,7 @@ from mabn.compile import MODES, compile_model  # noqa: E402
 from mabn.engine import autocast  # noqa: E402
 from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
-from mabn.norms import MABN2d, build_norm  # noqa: E402
+from mabn.norms import CenConv2d, MABN2d, build_norm  # noqa: E402
 from scripts.bench import bench_models, bench_norms  # noqa: E402
 from scripts.bench.common import compare, kernel_calls, markdown_table  # noqa: E402
 
@@ -250,6 +252,97 @@ def training_and_resume(check: Check) -> str:
     return text
 
 
+# -- train.compile with CUDA graphs -----------------------------------------------------------------
+PROBE_STEPS, PROBE_PHASES = 10, dict(warmup=3, renorm_start=6, window=2)  # t < 3 warmup, 3..6 averaging, t > 6 r on
+
+
+def compile_probe(device: str, norm: str, mode: str, backend: str) -> dict:
+    """Eager and `compile_model(mode)` copies of a small centered-conv net trained side by side in float64
+    on the same batches through MABN's three phases; what the compiled copy did differently.
+
+    float64, so that a wrong value (a buffer read after a CUDA-graph replay overwrote it, a gradient from
+    a stale buffer) stands out from rounding (~1e-13 here; float32 at b = 2 parts after a few steps)."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    conv = CenConv2d if norm == "mabn" else torch.nn.Conv2d
+    options = PROBE_PHASES if norm == "mabn" else {}  # one group, as at a real batch of 2
+    net = torch.nn.Sequential(conv(3, 16, 3, padding=1), build_norm(norm, 16, **options), torch.nn.ReLU(),
+                              conv(16, 16, 3, padding=1), build_norm(norm, 16, **options), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    net = net.to(device, torch.float64).train()
+    eager = copy.deepcopy(net)
+    counters.clear()
+    compiled = compile_model(net, mode=mode, backend=backend)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager, net)]
+    gen = torch.Generator().manual_seed(1)
+    worst = 0.0
+    for _ in range(PROBE_STEPS):
+        x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64).to(device)
+        y = torch.randint(0, 10, (2,), generator=gen).to(device)
+        pair = []
+        for model, opt in zip((eager, compiled), opts):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pair.append(loss.item())
+        worst = max(worst, abs(pair[1] - pair[0]) / abs(pair[0]))
+    state = max(((a.double() - b.double()).abs().max() / a.double().abs().max().clamp(min=1e-30)).item()
+                for a, b in zip(eager.state_dict().values(), net.state_dict().values()))
+    return dict(loss_rel=worst, state_rel=state, graphs=counters["stats"]["unique_graphs"],
+                graph_breaks=sum(counters["graph_break"].values()),
+                cudagraph={k: v for k, v in counters["inductor"].items() if "cudagraph" in k})
+
+
+def run_probe(check: Check, norm: str, mode: str) -> dict:
+    """`compile_probe` in a child process: a crash there (CUDA graphs have segfaulted on buffers fed back,
+    pytorch/pytorch#192748) becomes a row of the report instead of the end of the check."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--probe", f"{norm}:{mode}"]
+    if check.dry:
+        cmd.append("--dry-run")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    notes = sorted({line.strip()[:160] for line in done.stderr.splitlines() if "cudagraph" in line.lower()})
+    if done.returncode != 0 or not done.stdout.strip():
+        tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}: {tail[0][:200]}"
+        return dict(crashed=done.returncode < 0, error=why, notes=notes)
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), notes=notes)
+
+
+def compiled_phases(check: Check) -> str:
+    """`train.compile` through MABN's phases (BN beside it), as the launch-bound real batch of 2 would run it:
+    with CUDA graphs (`reduce-overhead`) on the device; the dry run traces with AOTAutograd, no code generation."""
+    mode = "default" if check.dry else "reduce-overhead"
+    rows, failed = [], []
+    for norm in ("bn", "mabn"):
+        result = run_probe(check, norm, mode)
+        check.numbers.setdefault("compile_probe", {})[f"{norm}:{mode}"] = result
+        if "error" in result:
+            result["failed"] = result["error"]
+            rows.append([norm, mode, "-", "-", "-", "-", result["error"]])
+            failed.append(f"{norm} {result['error']}")
+            continue
+        skips = result["cudagraph"].get("cudagraph_skips", 0)
+        rows.append([norm, mode, f"{result['loss_rel']:.1e}", f"{result['state_rel']:.1e}", str(result["graphs"]),
+                     str(skips) if check.device.startswith("cuda") else "-", "; ".join(result["notes"][:3]) or "-"])
+        wrong = []
+        if result["loss_rel"] > 1e-9 or result["state_rel"] > 1e-9:
+            wrong.append(f"differs from eager (loss {result['loss_rel']:.1e}, state {result['state_rel']:.1e})")
+        if result["graph_breaks"] or result["graphs"] > (3 if norm == "mabn" else 1):
+            wrong.append(f"{result['graphs']} graphs, {result['graph_breaks']} graph breaks")
+        if wrong:
+            result["failed"] = "; ".join(wrong)
+            failed.append(f"{norm}: {result['failed']}")
+    text = (f"Two convs (centered for MABN) + {{BN, MABN}} + linear, a real batch of 2 at 8 px, float64, eager and `compile_model(mode="
+            f"{mode!r})` side by side for {PROBE_STEPS} SGD steps on the same batches (MABN: warmup to t = 3, averaging, "
+            f"r from t = 7: three graphs); largest relative difference of a step's loss and of any state entry, "
+            f"graphs compiled, CUDA-graph skips and inductor's notes on them:\n\n")
+    text += markdown_table(["norm", "mode", "loss rel. diff", "state rel. diff", "graphs", "cudagraph skips", "notes"], rows)
+    assert not failed, "; ".join(failed)
+    return text
+
+
 # -- syncs ------------------------------------------------------------------------------------------
 def host_syncs(check: Check) -> str:
     """Device-to-host syncs of one steady-state training step (forward, backward, SGD step) per norm."""
@@ -284,7 +377,9 @@ def host_syncs(check: Check) -> str:
 
 # -- speed ------------------------------------------------------------------------------------------
 def norm_speed(check: Check) -> str:
-    text, numbers = bench_norms.run(check.device, quick=check.dry, compiled=not check.dry)
+    # eager kernels only: the layer's `kernel=compiled` variant was slower than eager on the H100 (2026-11-27)
+    # and its compiles cost the time section 10's train.compile rows need
+    text, numbers = bench_norms.run(check.device, quick=check.dry, compiled=False)
     check.numbers["norm_layers"] = numbers
     return text
 
@@ -314,14 +409,25 @@ def step_speed(check: Check) -> str:
         # train.compile (torch.compile of the whole model) where --compile-steps asks: about a minute a model
         # on an H100 machine, so only where it can decide a target (default: the launch-bound real batch of 2).
         # The dry run traces with the eager backend: the same hooks and phases, no code generation.
-        compiled = {f"{norm} train.compile{'' if mode == 'default' else ' ' + mode}": (mode, variants[norm])
-                    for n, mode in check.compile_steps if n == batch for norm in ("bn", "mabn")}
+        compiled, failures = {}, {}
+        for n_asked, mode in check.compile_steps:
+            for norm in ("bn", "mabn") if n_asked == batch else ():
+                name = f"{norm} train.compile{'' if mode == 'default' else ' ' + mode}"
+                compiled[name] = (mode, variants[norm])
+                probe = check.numbers.get("compile_probe", {}).get(f"{norm}:{mode}", {})  # section 7
+                if probe.get("crashed"):  # it would take the whole check down with it
+                    failures[name] = f"not run: the process crashed in the compile probe ({probe['error']})"
+                elif probe.get("failed") and mode != "default":  # time the default mode instead
+                    failures[name] = f"not timed: failed the compile probe ({probe['failed']})"
+                    compiled[f"{norm} train.compile (default: {mode} failed the probe)"] = ("default", variants[norm])
         todo = {**variants, **{name: kwargs for name, (_, kwargs) in compiled.items()}}
         n = batch if not check.dry else {32: 8, 2: 2}[batch]
         x = torch.randn(n, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
         y = torch.randint(0, 1000, (n,), device=check.device)
         fns = {}
         for name, kwargs in todo.items():
+            if name in failures:
+                continue
             torch.manual_seed(0)
             net = build_model(shape["arch"], num_classes=1000, width=shape["width"], stem=shape["stem"], **kwargs)
             net = net.to(check.device).to(memory_format=torch.channels_last).train()
@@ -333,8 +439,15 @@ def step_speed(check: Check) -> str:
                 net = compile_model(net, mode=compiled[name][0], backend="eager" if check.dry else "inductor")
 
             fns[name] = lambda net=net, opt=opt, scaler=scaler, x=x, y=y: amp_step(net, opt, scaler, x, y, check.device)
-        times = compare(fns, check.device, **check.timing())
-        for name, t in times.items():
+        times = compare(fns, check.device, failures=failures, **check.timing())
+        if "bn" not in times:
+            raise RuntimeError(f"N = {n}: eager BN, the baseline, failed: {failures['bn']}")
+        for name in todo:
+            if name in failures:
+                rows.append([str(n), name, "FAILED", failures[name], "-"])
+                check.numbers[f"step_{name.replace(' ', '_')}_n{n}_failed"] = failures[name]
+                continue
+            t = times[name]
             ops = "-" if name in compiled else str(kernel_calls(fns[name]))  # launches bound the real batch of 2
             rows.append([str(n), name, f"{n / t:.1f}", f"{t / times['bn']:.2f}", ops])
             check.numbers[f"step_{name.replace(' ', '_')}_n{n}_over_bn"] = t / times["bn"]
@@ -400,6 +513,7 @@ SECTIONS = [
     ("Correctness: MABN under float16/bfloat16 autocast", mabn_autocast),
     ("Correctness: folding", folding),
     ("Correctness: 30 training steps, AMP + channels_last, bitwise resume", training_and_resume),
+    ("Correctness: train.compile through MABN's phases, with CUDA graphs", compiled_phases),
     ("Device-to-host syncs in one training step", host_syncs),
     ("Speed: norm layers, training forward + backward", norm_speed),
     ("Speed: ResNet-50 training step per norm", step_speed),
@@ -411,13 +525,24 @@ SECTIONS = [
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder for gpu_check.md and gpu_check.json")
+    parser.add_argument("--out", help="folder for gpu_check.md and gpu_check.json (required)")
     parser.add_argument("--dry-run", action="store_true", help="run everything on CPU at toy sizes")
     parser.add_argument("--only", help="comma-separated section numbers (1-based) to run")
-    parser.add_argument("--compile-steps", default="2:default",
+    parser.add_argument("--compile-steps", default="2:reduce-overhead",
                         help="train.compile rows of the ResNet-50 step table, N:MODE comma-separated "
-                             f"(N 32 or 2; MODE {', '.join(MODES)}); default 2:default, empty for none")
+                             f"(N 32 or 2; MODE {', '.join(MODES)}); default 2:reduce-overhead (a norm that fails "
+                             "section 7's probe in that mode is timed in the default mode), empty for none")
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # NORM:MODE, one compile_probe as a JSON line (run_probe's child)
     args = parser.parse_args()
+    if args.probe:
+        norm, mode = args.probe.split(":")
+        device, backend = ("cpu", "aot_eager_decomp_partition") if args.dry_run else ("cuda:0", "inductor")
+        torch._logging.set_logs(perf_hints=True)  # inductor says there why it skips CUDA graphs
+        print(json.dumps(compile_probe(device, norm, mode, backend)))
+        return 0
+    if not args.out:
+        print("error: --out is required: the folder for gpu_check.md and gpu_check.json", file=sys.stderr)
+        return 2
     try:
         compile_steps = parse_compile_steps(args.compile_steps)
     except ValueError as err:
@@ -440,19 +565,25 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run, compile_steps)
     started = time.time()
+    source = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True).stdout.strip()
     for index, (title, fn) in enumerate(SECTIONS, 1):
         if only is None or index in only:
             check.section(title, lambda fn=fn: fn(check))
+            summary = write_report(out, check, source, started)  # after each section: a crash keeps what ran
+    print("\n".join(check.sections))
+    print(summary)
+    return 0 if all(row[1] == "ok" for row in check.summary) else 1
+
+
+def write_report(out: pathlib.Path, check: Check, source: str, started: float) -> str:
+    """DIR/gpu_check.md and .json with the sections run so far; returns the summary table."""
     summary = markdown_table(["section", "result", "time"], check.summary)
-    source = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True).stdout.strip()
     head = (f"# GPU check\n\n{datetime.datetime.now():%Y-%m-%d %H:%M}, {check.numbers.get('environment', {}).get('gpu', check.device)}, "
             f"torch {torch.__version__}, commit {source or 'unknown'}, {time.time() - started:.0f} s"
             f"{' (dry run on CPU, toy sizes)' if check.dry else ''}.\n\n{summary}\n")
     (out / "gpu_check.md").write_text(head + "\n".join(check.sections))
     (out / "gpu_check.json").write_text(json.dumps({"summary": check.summary, **check.numbers}, indent=1, default=str))
-    print("\n".join(check.sections))
-    print(summary)
-    return 0 if all(row[1] == "ok" for row in check.summary) else 1
+    return summary
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def test_gpu_check_dry_run_passes_every_section(tmp_path):
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert len(report["summary"]) == 12 and all(row[1] == "ok" for row in report["summary"])
+    assert len(report["summary"]) == 13 and all(row[1] == "ok" for row in report["summary"])
     assert report["training"]["bitwise_resume"] is True
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     assert done.stdout.rstrip().endswith("|")  # the summary table comes last
@@ -33,3 +33,30 @@ def test_bad_compile_steps_fail_in_one_line_before_anything_is_written(tmp_path)
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith("error: --compile-steps item '32:fast' is not valid; valid: N:MODE") and not out.exists()
+
+
+def test_compare_times_the_others_when_one_candidate_fails():
+    from scripts.bench.common import compare
+
+    def broken():
+        raise RuntimeError("accessing tensor output of CUDAGraphs that has been overwritten\nsecond line")
+
+    failures = {}
+    times = compare({"ok": lambda: None, "broken": broken}, "cpu", rounds=1, min_run_time=0.01, failures=failures)
+    assert set(times) == {"ok"} and times["ok"] > 0
+    assert failures == {"broken": "RuntimeError: accessing tensor output of CUDAGraphs that has been overwritten"}
+
+
+def test_a_compile_mode_that_failed_the_probe_is_timed_in_the_default_mode_and_a_crash_is_not_run():
+    from scripts import gpu_check
+
+    check = gpu_check.Check("cpu", dry=True, compile_steps=((2, "reduce-overhead"),))
+    check.numbers["compile_probe"] = {"mabn:reduce-overhead": {"failed": "differs from eager (loss 3.0e-02, state 1.0e+00)"},
+                                      "bn:reduce-overhead": {"crashed": True, "error": "signal 11", "failed": "signal 11"}}
+    rows = {line.split("|")[2].strip(): line.split("|")[3:5] for line in gpu_check.step_speed(check).splitlines()
+            if line.startswith("| 2 |")}
+    assert rows["mabn train.compile reduce-overhead"][0].strip() == "FAILED"
+    assert "failed the compile probe (differs from eager" in rows["mabn train.compile reduce-overhead"][1]
+    assert float(rows["mabn train.compile (default: reduce-overhead failed the probe)"][0]) > 0  # timed instead
+    assert "not run: the process crashed in the compile probe (signal 11)" in rows["bn train.compile reduce-overhead"][1]
+    assert float(rows["mabn"][0]) > 0 and float(rows["bn"][0]) > 0

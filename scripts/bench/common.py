@@ -15,10 +15,21 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def compare(candidates: dict[str, Callable[[], None]], device: str, rounds: int = 5, min_run_time: float = 0.3) -> dict:
-    """Median seconds per call of each candidate, measured round-robin so that machine noise hits all alike."""
-    for fn in candidates.values():  # warm-up (allocator, lazy init, compilation)
-        fn()
+def compare(candidates: dict[str, Callable[[], None]], device: str, rounds: int = 5, min_run_time: float = 0.3,
+            failures: dict | None = None) -> dict:
+    """Median seconds per call of each candidate, measured round-robin so that machine noise hits all alike.
+
+    With a `failures` dict, a candidate whose warm-up call raises is left out of the timing and its error
+    ("Type: first line") recorded there, so that one broken variant does not cost the others' rows."""
+    for name, fn in list(candidates.items()):  # warm-up (allocator, lazy init, compilation)
+        if failures is None:
+            fn()
+            continue
+        try:
+            fn()
+        except Exception as err:  # noqa: BLE001 - reported by the caller
+            failures[name] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
+            candidates = {k: v for k, v in candidates.items() if k != name}
     synchronize(device)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
     for _ in range(rounds):
