@@ -203,6 +203,51 @@ def test_resuming_with_another_norm_names_both(tiny_shapes, tmp_path):
     assert "was trained with norm.name=bn, this run asks for norm.name=mabn" in out.stderr
 
 
+def _records(run_dir):
+    return {p.name: p.read_bytes() for p in sorted((run_dir / ".hydra").iterdir())}
+
+
+def test_a_finished_run_asked_for_another_schedule_is_refused_and_its_records_kept(tiny_shapes, tmp_path):
+    """A run dir holds one run: asking it for other settings (not only another norm) is an error in one line, in a
+    single run before anything is written, in a sweep with the dir's .hydra records put back; listing the key
+    in train.resume_changes continues the run with the change."""
+    first = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed"), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    run_dir = tmp_path / "train" / "fixed"
+    records, metrics = _records(run_dir), (run_dir / "metrics.jsonl").read_bytes()
+    for extra in ([], ["--multirun"]):
+        out = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "schedule.epochs=2", "optim.momentum=0.8")
+                             + extra, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-2000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "was trained with optim.momentum=0.9, this run asks for optim.momentum=0.8 (and schedule.epochs)" \
+            in errors[0] and "train.resume_changes=[optim.momentum,schedule.epochs]" in errors[0], out.stderr[-2000:]
+        assert _records(run_dir) == records and (run_dir / "metrics.jsonl").read_bytes() == metrics
+    # settings of how a run executes may change; the ones named in train.resume_changes too
+    more = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "schedule.epochs=2", "data.workers=1",
+                                        "train.log_every=5", "train.resume_changes=[schedule.epochs]", "--multirun"),
+                          capture_output=True, text=True, timeout=300)
+    assert more.returncode == 0, more.stderr[-2000:]
+    epochs = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"epoch"' in line]
+    assert epochs == [1, 2]
+
+
+def test_resume_compares_every_setting_but_how_a_run_executes():
+    from omegaconf import OmegaConf
+
+    from mabn.resume import differences
+
+    saved = OmegaConf.create({"norm": {"name": "bn", "options": {"momentum": 0.1}}, "schedule": {"epochs": 10},
+                              "train": {"progress": True, "resume": "auto"}, "data": {"root": "/a", "loader": "dali"},
+                              "stats": {"enabled": False}, "old_key": 1})
+    now = OmegaConf.create({"norm": {"name": "mabn", "options": {"momentum": 0.98}}, "schedule": {"epochs": "${x}"}, "x": 1,
+                            "train": {"progress": False, "resume": "never"}, "data": {"root": "/b", "loader": "dali"},
+                            "stats": {"enabled": True}, "hydra": {"anything": 1}})
+    assert differences(saved, now) == [("norm.name", "bn", "mabn"), ("norm.options.momentum", 0.1, 0.98),
+                                       ("schedule.epochs", 10, 1)]
+    assert differences(saved, now, allowed=["norm", "schedule.epochs"]) == []
+
+
 @pytest.mark.parametrize("overrides, message", [
     (["norm=mabn", "norm.options.window=0"], "window=0 is not valid; valid: an integer >= 1"),
     (["norm=mabn", "norm.options.warmup=-5"], "norm.options.warmup=-5 is not valid"),

@@ -64,6 +64,9 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"train.resume={resume!r} is not a checkpoint file; valid: auto, never, or a path to a .pt file")
 
 
+_MISSING = object()  # OmegaConf.select's default for a key the config does not have
+
+
 def _require(key: str, value, ok: bool, valid: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
@@ -117,6 +120,12 @@ def check_train(cfg: DictConfig) -> None:
     cap = train.get("max_batches_per_epoch")
     _require("train.max_batches_per_epoch", cap, cap is None or (is_int(cap) and cap > 0), "null or a positive integer")
     _require("stats.every", cfg.stats.every, is_int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")
+    changes = train.get("resume_changes") or []
+    _require("train.resume_changes", changes, OmegaConf.is_list(changes) or isinstance(changes, list),
+             "a list of settings, e.g. [schedule.epochs]")
+    for key in changes:
+        _require("train.resume_changes", key, isinstance(key, str) and OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING,
+                 "a list of this config's settings as dotted keys, e.g. [schedule.epochs]")
     root = str(cfg.get("output_root", "outputs"))
     _require("output_root", root, not root.startswith("~"), "a path without ~ (Hydra does not expand it): use $HOME/...")
 

@@ -8,11 +8,13 @@ import sys
 
 import torch
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .config import ConfigError, model_kwargs, validate
 from .data import DatasetError, check_layout
 from .models import build_model
+from .resume import check_resume
 
 
 def writable_dir_problem(path: pathlib.Path) -> str | None:
@@ -52,17 +54,49 @@ def preflight(cfg: DictConfig, output_dir: str) -> None:
         raise ConfigError(f"output dir {output_dir!r} cannot be written ({problem}); set output_root to a writable folder")
 
 
+HYDRA_RECORDS = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes into <run dir>/.hydra
+
+
 class Preflight(Callback):
+    """Single run: every check, the resume check included, before Hydra writes the run dir's `.hydra/`.
+
+    Multirun: the config checks before the sweep starts; the resume check of each job can only run once
+    Hydra has written that job's `.hydra/` (no callback comes earlier), so the run dirs' records are read
+    at the sweep's start and a job that fails the check puts its dir's back before it exits.
+    """
+
+    def __init__(self) -> None:
+        self.records: dict[pathlib.Path, dict[str, bytes]] = {}
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config, config.hydra.run.dir)
+        self._fail_on_error(lambda: (preflight(config, config.hydra.run.dir), check_resume(config, config.hydra.run.dir)))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._check(config, config.hydra.sweep.dir)
+        self._fail_on_error(lambda: preflight(config, config.hydra.sweep.dir))
+        for folder in pathlib.Path(config.hydra.sweep.dir).glob(f"*/{config.hydra.output_subdir}"):
+            self.records[folder.resolve()] = {name: (folder / name).read_bytes() for name in HYDRA_RECORDS
+                                              if (folder / name).is_file()}
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return  # checked in on_run_start, before anything was written
+        run_dir = pathlib.Path(config.hydra.runtime.output_dir)
+
+        def check():
+            try:
+                check_resume(config, run_dir)
+            except ConfigError:
+                folder = (run_dir / config.hydra.output_subdir).resolve()
+                for name, data in self.records.get(folder, {}).items():
+                    (folder / name).write_bytes(data)  # the records of the run that is there, not of this refused job
+                raise
+
+        self._fail_on_error(check)
 
     @staticmethod
-    def _check(config: DictConfig, output_dir: str) -> None:
+    def _fail_on_error(check) -> None:
         try:
-            preflight(config, output_dir)
+            check()
         except (ConfigError, DatasetError) as err:
             # SystemExit passes through Hydra's error reporting: one line, no traceback.
             print(f"error: {err}", file=sys.stderr)

@@ -37,18 +37,12 @@ from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epo
 from .host_memory import keep_freed_blocks
 from .models import build_model
 from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
+from .resume import check_same_run, find_checkpoint
 
 log = logging.getLogger("mabn.train")
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]  # an editable install: src/mabn/ in the checkout
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
 # Config keys that must match for a checkpoint to continue a run (others, e.g. epochs, may change).
-IDENTITY_KEYS = ("model.arch", "model.width", "model.stem", "norm.name", "norm.norm_batch", "data.batch_per_gpu")
-
-
-class ResumeMismatch(ConfigError):
-    pass
-
-
 def source_version() -> str:
     """The commit this run's code comes from, "+dirty" when src/ or configs/ differ from it, "unknown"
     outside a git checkout. Recorded with every epoch: a resumed run may span several commits."""
@@ -198,19 +192,9 @@ class Job:
 
     def resume(self, progress: Progress) -> None:
         """Continue from train.resume: 'auto' (this run dir's newest good checkpoint), a path, or 'never'."""
-        mode = str(self.cfg.train.resume)
-        if mode == "never":
+        state, path = find_checkpoint(self.cfg, self.run_dir)
+        if state is None:
             return
-        if mode == "auto":
-            state, path = self.checkpoints.load_latest()
-            if state is None:
-                return
-        else:
-            path = pathlib.Path(mode)
-            try:
-                state = ckpt.load(path)
-            except Exception as err:
-                raise ConfigError(f"train.resume={mode!r} cannot be loaded: {ckpt.describe_error(err)}") from err
         check_same_run(OmegaConf.create(state["config"]), self.cfg, path)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -219,16 +203,6 @@ class Job:
         progress.last_checkpoint = str(path)
         ckpt.restore_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d, batch %d, step %d", path, progress.epoch + 1, progress.batch, progress.step)
-
-
-def check_same_run(saved: DictConfig, current: DictConfig, path) -> None:
-    for key in IDENTITY_KEYS:
-        before, now = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-        if before != now:
-            raise ResumeMismatch(
-                f"checkpoint {path} was trained with {key}={before}, this run asks for {key}={now}; "
-                f"use another run_name, or train.resume=never to start over"
-            )
 
 
 def run(cfg: DictConfig) -> dict:

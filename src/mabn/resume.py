@@ -1,0 +1,104 @@
+"""Which checkpoint a run continues from (`train.resume`), and the check that it is the same run.
+
+A run dir is named by a few of its settings (train.yaml's `run_name`), so running a command again resumes
+its run. Every other setting that changes what is trained (schedule, optimizer, norm options, data and
+augmentation...) must match the checkpoint's as well: otherwise a finished 10-epoch run "resumed" with
+`schedule.epochs=1` stops at once and its 10-epoch error is reported as a 1-epoch one. Settings that only
+change how a run executes or what it records (OPERATIONAL) may differ; `train.resume_changes` lists further
+keys one means to change, e.g. `[schedule.epochs]` to train a finished run on. Keys one of the two configs
+lacks (a setting added since the checkpoint was written) are not compared. An explicit `train.resume=PATH`
+is a deliberate start from that checkpoint: only the settings a run dir is named by must match.
+"""
+import pathlib
+
+from omegaconf import DictConfig, OmegaConf
+
+from . import checkpoint as ckpt
+from .config import ConfigError
+
+# Named first when several keys differ: the settings a run dir's name is made of.
+HEADLINE = ("model.arch", "model.width", "model.stem", "norm.name", "norm.norm_batch", "data.batch_per_gpu")
+# How a run executes or what it records: free to change between a checkpoint and its resume (a key or a group).
+OPERATIONAL = (
+    "hydra", "task_name", "output_root", "run_name",
+    "train.device", "train.deterministic", "train.compile", "train.compile_mode", "train.channels_last",
+    "train.resume", "train.resume_changes", "train.checkpoint_keep", "train.checkpoint_every_steps",
+    "train.checkpoint_minutes", "train.log_every", "train.progress", "train.nan_policy", "train.max_nonfinite_skips",
+    "train.total_batch", "stats", "data.root", "data.workers", "data.val_batch_per_gpu", "data.max_unreadable",
+)
+
+
+class ResumeMismatch(ConfigError):
+    pass
+
+
+def flat(cfg: DictConfig) -> dict:
+    """{dotted key: resolved value} of every leaf of the run's settings (Hydra's own node left out)."""
+    out = {}
+
+    def walk(value, key):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}")
+        else:
+            out[key] = value
+
+    for key in cfg:
+        if key != "hydra":
+            node = cfg[key]
+            walk(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node, str(key))
+    return out
+
+
+def _free(key: str, free: tuple) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in free)
+
+
+def differences(saved: DictConfig, current: DictConfig, allowed=()) -> list[tuple[str, object, object]]:
+    """(key, checkpoint's value, this run's value) of every setting that differs and may not, headline keys first."""
+    before, now = flat(saved), flat(current)
+    free = OPERATIONAL + tuple(allowed)
+    found = [(k, before[k], now[k]) for k in before if k in now and before[k] != now[k] and not _free(k, free)]
+    return sorted(found, key=lambda d: HEADLINE.index(d[0]) if d[0] in HEADLINE else len(HEADLINE))
+
+
+def check_same_run(saved: DictConfig, current: DictConfig, path) -> None:
+    """`train.resume=auto` (the run dir's own checkpoint): every setting but the operational ones must match.
+    An explicit checkpoint path is a deliberate start from it (e.g. training a finished run on in another run
+    dir): only the HEADLINE settings, without which the state would not fit the model, must match."""
+    allowed = [str(k) for k in (OmegaConf.select(current, "train.resume_changes") or [])]
+    found = differences(saved, current, allowed)
+    if str(OmegaConf.select(current, "train.resume")) != "auto":
+        found = [d for d in found if d[0] in HEADLINE]
+    if not found:
+        return
+    (key, before, now), more = found[0], found[1:]
+    others = f" (and {', '.join(k for k, _, _ in more[:4])}{', ...' if len(more) > 4 else ''})" if more else ""
+    keys = ",".join(k for k, _, _ in found)
+    raise ResumeMismatch(
+        f"checkpoint {path} was trained with {key}={before}, this run asks for {key}={now}{others}; "
+        f"use another run_name or tag, train.resume=never to start over, or train.resume_changes=[{keys}] "
+        f"to continue it with the change"
+    )
+
+
+def find_checkpoint(cfg: DictConfig, run_dir) -> tuple[dict, pathlib.Path] | tuple[None, None]:
+    """(state, path) that `train.resume` names: 'auto' (the run dir's newest good checkpoint), a path, or
+    'never' (None, None); an explicit path that does not load is a ConfigError."""
+    mode = str(cfg.train.resume)
+    if mode == "never":
+        return None, None
+    if mode == "auto":
+        return ckpt.CheckpointDir(run_dir).load_latest()
+    path = pathlib.Path(mode)
+    try:
+        return ckpt.load(path), path
+    except Exception as err:
+        raise ConfigError(f"train.resume={mode!r} cannot be loaded: {ckpt.describe_error(err)}") from err
+
+
+def check_resume(cfg: DictConfig, run_dir) -> None:
+    """Before anything is written: the checkpoint this run would continue from is one of the same run."""
+    state, path = find_checkpoint(cfg, run_dir)
+    if state is not None:
+        check_same_run(OmegaConf.create(state["config"]), cfg, path)
