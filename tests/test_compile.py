@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.utils import counters
 
+import mabn.compile
 from mabn.compile import compile_model
 from mabn.models import build_model
 from mabn.norms import MABN2d, build_norm
@@ -85,13 +86,14 @@ def test_mabn_compiles_one_graph_per_phase_and_trains_as_eager(options):
     assert counters["stats"]["unique_graphs"] == 4  # and one for eval
 
 
-def test_eager_forwards_mixed_in_keep_the_phase_right():
+@pytest.mark.parametrize("static_buffers", [False, True])
+def test_eager_forwards_mixed_in_keep_the_phase_right(static_buffers):
     """The trainer runs batch-statistics micro-batches eagerly between compiled ones: same counters."""
     torch.manual_seed(0)
     torch._dynamo.reset()
     net = tiny_net("mabn", norm_batch=2, warmup=WARMUP, renorm_start=RENORM_START, window=WINDOW)
     reference = copy.deepcopy(net)
-    compiled = compile_model(net, backend=BACKEND)
+    compiled = compile_model(net, backend=BACKEND, static_buffers=static_buffers)
     x = torch.randn(8, 3, 8, 8, dtype=torch.float64)
     for t in range(1, 12):
         model = net if t % 3 == 0 else compiled  # every third forward eager
@@ -100,6 +102,41 @@ def test_eager_forwards_mixed_in_keep_the_phase_right():
         assert int(net[1].num_batches_tracked) == t
     for (name, a), b in zip(reference.state_dict().items(), net.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("norm", ["mabn", "brn"])
+def test_static_buffers_keep_every_buffer_in_its_tensor_and_train_as_eager(norm, monkeypatch):
+    """compile_model(mode="reduce-overhead") (CUDA graphs on a GPU) copies what a compiled forward rebound back
+    into the buffers' own tensors before the next call: each forward reads the same tensors, the math is
+    eager's through every phase, no graph is added, and MABN's host counters stay trusted (no device read)."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    counters.clear()
+    options = dict(norm_batch=2, warmup=WARMUP, renorm_start=RENORM_START, window=WINDOW) if norm == "mabn" \
+        else dict(norm_batch=2, t0=2, r_ramp=3, d_ramp=3)
+    net = tiny_net(norm, **options)
+    eager = copy.deepcopy(net)
+    homes = dict(net.named_buffers())
+    hits, read_counter = [], mabn.compile.read_counter
+
+    def spy(layer, name):  # does the phase hook find the counter's host copy valid (no device read)?
+        cached, buffer = layer._host_counters.get(name), getattr(layer, name)
+        hits.append(cached is not None and cached[0] is buffer and cached[1] == buffer._version)
+        return read_counter(layer, name)
+
+    monkeypatch.setattr(mabn.compile, "read_counter", spy)
+    compiled = compile_model(net, mode="reduce-overhead", backend=BACKEND, fullgraph=True)
+    seen = []
+    compiled.register_forward_pre_hook(lambda module, args: seen.append(all(b is homes[n] for n, b in net.named_buffers())))
+    losses = train_side_by_side(eager, compiled, net, steps=RENORM_START + 4)
+    assert all(seen) and len(seen) == RENORM_START + 4
+    assert counters["stats"]["unique_graphs"] == (3 if norm == "mabn" else 1) and not counters["graph_break"]
+    for step, (e, c) in enumerate(losses):
+        assert c == pytest.approx(e, rel=1e-10, abs=1e-12), f"step {step + 1}: eager {e}, compiled {c}"
+    for (name, a), b in zip(eager.state_dict().items(), net.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+    if norm == "mabn":  # two layers: one miss each on the first step, then the host copies hold
+        assert len(hits) == 2 * (RENORM_START + 4) and hits[2:] == [True] * (len(hits) - 2)
 
 
 def test_compiled_mabn_without_compile_model_says_how():

@@ -7,6 +7,8 @@ MABN layer's `compiled_phase` before every training forward from the host copy o
 (`read_counter`, no device sync in steady state); the graph guards on that pair of booleans and keeps
 the ring positions as tensors. A run compiles at most three training graphs (warmup, averaging,
 averaging with r) and an eval graph. The other norms hold no host state and compile as they are.
+With CUDA graphs (mode reduce-overhead) the buffers a compiled forward rebinds are copied back into their
+own tensors before the next call (`keep_buffers_in_place`).
 
   compiled = compile_model(model)             # train with `compiled`, save `model`: same parameters
 """
@@ -19,16 +21,20 @@ from .norms.mabn import read_counter, trust_counter
 MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes; reduce-overhead adds CUDA graphs
 
 
-def compile_model(model: nn.Module, mode: str = "default", backend: str = "inductor", fullgraph: bool = False) -> nn.Module:
+def compile_model(model: nn.Module, mode: str = "default", backend: str = "inductor", fullgraph: bool = False,
+                  static_buffers: bool | None = None) -> nn.Module:
     """`torch.compile(model)` with MABN's phases set on the host before each training forward.
 
     The result shares `model`'s parameters and buffers; checkpoint `model` (the compiled wrapper
     prefixes its state-dict keys). Forwards of `model` itself (eager) may be mixed in: both keep the
-    same host counters.
+    same host counters. `static_buffers` (default: with CUDA graphs, mode reduce-overhead): see
+    `keep_buffers_in_place`.
     """
     if mode not in MODES:
         raise ValueError(f"compile mode {mode!r} is not valid; valid: {', '.join(MODES)}")
     compiled = torch.compile(model, mode=None if backend != "inductor" else mode, backend=backend, fullgraph=fullgraph)
+    if mode == "reduce-overhead" if static_buffers is None else static_buffers:
+        keep_buffers_in_place(model, compiled)
     layers = [m for m in model.modules() if isinstance(m, MABN2d)]
     if layers:
         coming: list[int] = []
@@ -51,3 +57,33 @@ def compile_model(model: nn.Module, mode: str = "default", backend: str = "induc
         compiled.register_forward_pre_hook(set_phases)
         compiled.register_forward_hook(record_counters)
     return compiled
+
+
+def keep_buffers_in_place(model: nn.Module, compiled: nn.Module) -> None:
+    """Before each call of `compiled`, copy every buffer a compiled forward rebound (MABN's and BRN's
+    statistics and counters, see `norms._groups.store_buffer`) back into the tensor it started as, with
+    one multi-tensor copy, and mark those tensors static.
+
+    With CUDA graphs a rebound buffer would be an output in the graph's memory pool, fed back as the
+    next step's input: the next replay overwrites that memory (cudagraph trees then refuse the tensor,
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"), and an input
+    at a new address each step is copied in or re-recorded. Kept in place, every step reads the same
+    addresses. The copy waits for the next call, not the end of this forward: the backward may still
+    read the buffers' old values (the reason they are rebound, not written in place).
+    """
+    homes = [(module, name, buffer) for module in model.modules() for name, buffer in module.named_buffers(recurse=False)]
+    for _, _, buffer in homes:
+        torch._dynamo.mark_static_address(buffer, guard=False)
+
+    def restore(module, args):
+        moved = [(m, name, home, getattr(m, name)) for m, name, home in homes if getattr(m, name) is not home]
+        if not moved:
+            return
+        torch._foreach_copy_([home for _, _, home, _ in moved], [now for _, _, _, now in moved])
+        for m, name, home, now in moved:
+            cached = getattr(m, "_host_counters", {}).get(name)
+            setattr(m, name, home)
+            if cached is not None and cached[0] is now and cached[1] == now._version:
+                trust_counter(m, name, cached[2])  # the host copy of a counter holds for its home too
+
+    compiled.register_forward_pre_hook(restore)
