@@ -62,7 +62,8 @@ class Preflight(Callback):
 
     Multirun: the config checks before the sweep starts; the resume check of each job can only run once
     Hydra has written that job's `.hydra/` (no callback comes earlier), so the run dirs' records are read
-    at the sweep's start and a job that fails the check puts its dir's back before it exits.
+    at the sweep's start and a job that fails the check puts its dir's back before it exits (jobs that a
+    launcher runs in other processes, submitit's, still fail the check but cannot restore the records).
     """
 
     def __init__(self) -> None:
