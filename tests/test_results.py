@@ -54,6 +54,30 @@ def test_table_groups_counts_and_averages_match_the_runs(sweep_dir):
     assert markdown.count("\n| shapes10 |") == 4 and "| 2 |" in markdown
 
 
+def test_a_row_whose_runs_are_not_seeds_of_one_setting_is_flagged(sweep_dir, tmp_path):
+    """Copies of the sweep's bn/N=8 runs under a second root, one with another momentum and another lr, one
+    repeating seed 0 with only operational settings changed: the table still groups them by norm and batch,
+    and says which rows mix what."""
+    import shutil
+
+    assert "Warning" not in to_markdown(group_runs(find_runs(sweep_dir)))  # the sweep's rows are clean
+    other = tmp_path / "other"
+    for seed, edit in ((1, lambda t: t.replace("momentum: 0.9", "momentum: 0.8").replace("base_lr: 0.4", "base_lr: 0.2")),
+                       (0, lambda t: t.replace("workers: 0", "workers: 3").replace("progress: false", "progress: true"))):
+        src = sweep_dir / "train" / f"shapes10-resnet18_cpu-bn-b8-n8-s{seed}"
+        dst = other / src.name
+        shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoints", "tb"))
+        config = dst / ".hydra" / "config.yaml"
+        edited = edit(config.read_text())
+        assert edited != config.read_text()
+        config.write_text(edited)
+    markdown = to_markdown(group_runs(find_runs(sweep_dir, other)))
+    warnings = [line for line in markdown.splitlines() if line.startswith("- ")]
+    assert "Warning: some rows average runs that are not seeds of one setting" in markdown
+    assert warnings == ["- shapes10/resnet18_cpu/1/bn/8/8: its runs differ in optim.momentum: 0.9, 0.8; schedule.base_lr: 0.4, 0.2",
+                        "- shapes10/resnet18_cpu/1/bn/8/8: seeds 0, 1 appear in more than one run dir"]
+
+
 def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), str(sweep_dir), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from .resume import flat, is_operational
+
 # SPEC §5: ResNet-50 ImageNet val top-1 error (%), by (norm, normalization batch).
 PAPER_TABLE = {("bn", 32): 23.41, ("bn", 2): 35.22, ("brn", 2): 30.29, ("mabn", 2): 23.67}
 # The paper's figure (read off the plot, +-0.1) and GN's batch-independent number (GN paper).
@@ -38,6 +40,7 @@ class Run:
     schedule_epochs: int
     epochs: list[dict] = field(default_factory=list)
     finished: bool = False
+    settings: dict = field(default_factory=dict)  # every setting that shapes training (`run_settings`)
 
     @property
     def key(self) -> tuple:
@@ -60,7 +63,7 @@ def load_run(run_dir: pathlib.Path) -> Run | None:
     run = Run(
         path=run_dir, data=cfg.data.name, model=cfg.model.name, norm=cfg.norm.name,
         norm_batch=int(cfg.norm.norm_batch), batch_per_gpu=int(cfg.data.batch_per_gpu), tag=str(cfg.get("tag", "")),
-        seed=int(cfg.seed), schedule_epochs=int(cfg.schedule.epochs),
+        seed=int(cfg.seed), schedule_epochs=int(cfg.schedule.epochs), settings=run_settings(cfg),
     )
     for line in metrics_file.read_text().splitlines():
         if not line.strip():
@@ -71,6 +74,31 @@ def load_run(run_dir: pathlib.Path) -> Run | None:
         elif record.get("event") == "finished":
             run.finished = True
     return run
+
+
+def run_settings(cfg) -> dict:
+    """{dotted key: value} of the settings that shape training, as the resume check sees them, less the seed:
+    what the seeds averaged in one row must share."""
+    try:
+        settings = flat(cfg)
+    except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve: compare the text
+        settings = flat(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)), resolve=False)
+    return {k: v for k, v in settings.items() if not is_operational(k) and k != "seed"}
+
+
+def mixed_settings(runs: list[Run]) -> dict[str, list]:
+    """Settings whose values differ between `runs` ({key: the distinct values}); a key some runs lack (a
+    setting added after they ran) is not compared."""
+    out = {}
+    for key in sorted(set().union(*(r.settings for r in runs))) if runs else ():
+        if all(key in r.settings for r in runs):
+            values = []
+            for r in runs:
+                if r.settings[key] not in values:
+                    values.append(r.settings[key])
+            if len(values) > 1:
+                out[key] = values
+    return out
 
 
 def find_runs(*roots: str | pathlib.Path) -> list[Run]:
@@ -138,7 +166,29 @@ def to_markdown(rows: list[Row]) -> str:
     note = ("\nTop-1 error in % on the val set, mean ± std over finished runs (seeds); `paper`: the paper's "
             "ResNet-50 ImageNet number for that norm and normalization batch (SPEC §5; GN from the GN paper), "
             "`delta` only where the run is ResNet-50 on ImageNet. Unfinished runs are counted, not averaged.\n")
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + mixing_warnings(rows)
+
+
+def mixing_warnings(rows: list[Row]) -> str:
+    """A line per row whose runs are not seeds of one setting: they differ in another setting, or repeat a seed."""
+    lines = []
+    for row in rows:
+        runs = row.finished + row.unfinished
+        label = "/".join(str(k) for k in row.key if k != "")
+        mixed = mixed_settings(runs)
+        if mixed:
+            shown = "; ".join(f"{k}: {', '.join(map(str, v))}" for k, v in list(mixed.items())[:4])
+            lines.append(f"- {label}: its runs differ in {shown}{' ...' if len(mixed) > 4 else ''}")
+        seeds = collections.Counter(r.seed for r in runs)
+        repeated = sorted(seed for seed, count in seeds.items() if count > 1)
+        if repeated:
+            several = len(repeated) > 1
+            lines.append(f"- {label}: seed{'s' if several else ''} {', '.join(map(str, repeated))} "
+                         f"appear{'' if several else 's'} in more than one run dir")
+    if not lines:
+        return ""
+    return ("\n**Warning: some rows average runs that are not seeds of one setting** (give such runs a `tag`, or "
+            "keep them under separate roots):\n\n" + "\n".join(lines) + "\n")
 
 
 FIGURE_NORMS = ("bn", "brn", "mabn", "gn")  # the paper's figure's order; other norms follow by name

@@ -32,8 +32,8 @@ class ResumeMismatch(ConfigError):
     pass
 
 
-def flat(cfg: DictConfig) -> dict:
-    """{dotted key: resolved value} of every leaf of the run's settings (Hydra's own node left out)."""
+def flat(cfg: DictConfig, resolve: bool = True) -> dict:
+    """{dotted key: value} of every leaf of the run's settings (Hydra's own node left out)."""
     out = {}
 
     def walk(value, key):
@@ -46,12 +46,17 @@ def flat(cfg: DictConfig) -> dict:
     for key in cfg:
         if key != "hydra":
             node = cfg[key]
-            walk(OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node, str(key))
+            walk(OmegaConf.to_container(node, resolve=resolve) if OmegaConf.is_config(node) else node, str(key))
     return out
 
 
 def _free(key: str, free: tuple) -> bool:
     return any(key == k or key.startswith(k + ".") for k in free)
+
+
+def is_operational(key: str) -> bool:
+    """Does setting `key` only change how a run executes or what it records (OPERATIONAL)?"""
+    return _free(key, OPERATIONAL)
 
 
 def differences(saved: DictConfig, current: DictConfig, allowed=()) -> list[tuple[str, object, object]]:
