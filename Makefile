@@ -40,7 +40,7 @@ endif
 .PHONY: help install train sweep table plot repro repro-report test test-slow bench gpu-check gpu-wheels tensorboard data clean-venv
 
 help:
-	@echo "make train [NORM=bn|syncbn|gn|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
+	@echo "make train [NORM=bn|syncbn|gn|ln|in|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
 	@echo "make table | make plot     results.md/.csv, figure.md, runs.md and the error-vs-batch plot of every run under outputs/"
 	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,proposal,third]   the paper's comparison on Imagenette"
