@@ -38,9 +38,11 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
         raise ConfigError(f"train.grad_accum={accum!r} must be a positive integer")
     total = cfg.train.get("total_batch")
     if total is not None and total != n * world_size * accum:
+        fits = total % (n * world_size) == 0
+        hint = f"train.grad_accum={total // (n * world_size)} gives it on {world_size} processes" if fits else "change one of them"
         raise ConfigError(
             f"train.total_batch={total} but data.batch_per_gpu={n} x {world_size} processes x "
-            f"train.grad_accum={accum} = {n * world_size * accum}; change one of them"
+            f"train.grad_accum={accum} = {n * world_size * accum}; {hint}"
         )
     check_data(cfg.data)
     check_schedule_and_optim(cfg)
