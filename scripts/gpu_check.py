@@ -12,7 +12,8 @@ section still runs.
 Sections: environment; correctness (the float64 reference tests on the device, GN/LN/IN against
 torch, MABN under float16/bfloat16 autocast, folding ResNet-50, 30 steps of ResNet-50 with AMP +
 channels_last whose loss falls, a save-at-15 / reload resume that repeats steps 16-30 bitwise, and
-`train.compile` with CUDA graphs through MABN's phases against eager, in a child process);
+`train.compile` with CUDA graphs through MABN's phases against eager, in child processes that compile
+while the sections before run);
 the device-to-host syncs left in a steady-state step; speed side by side (norm layers vs cuDNN BN,
 ResNet-50 training steps at N = 32 and 2 per norm, BN at batch 256 against NVIDIA's published
 A100 number, inference as the paper's throughput table, the input pipelines).
@@ -68,6 +69,7 @@ class Check:
     def __init__(self, device: str, dry: bool, compile_steps: tuple):
         self.device, self.dry, self.compile_steps = device, dry, compile_steps
         self.sections, self.numbers, self.summary = [], {}, []
+        self.probes: dict[str, subprocess.Popen] = {}  # compile probes running in child processes (section 7)
 
     def section(self, title: str, fn) -> None:
         print(f"== {title}", file=sys.stderr, flush=True)
@@ -295,28 +297,48 @@ def compile_probe(device: str, norm: str, mode: str, backend: str) -> dict:
                 cudagraph={k: v for k, v in counters["inductor"].items() if "cudagraph" in k})
 
 
-def run_probe(check: Check, norm: str, mode: str) -> dict:
-    """`compile_probe` in a child process: a crash there (CUDA graphs have segfaulted on buffers fed back,
-    pytorch/pytorch#192748) becomes a row of the report instead of the end of the check."""
-    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--probe", f"{norm}:{mode}"]
-    if check.dry:
-        cmd.append("--dry-run")
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    notes = sorted({line.strip()[:160] for line in done.stderr.splitlines() if "cudagraph" in line.lower()})
-    if done.returncode != 0 or not done.stdout.strip():
-        tail = [line for line in done.stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        why = f"signal {-done.returncode}" if done.returncode < 0 else f"exit {done.returncode}: {tail[0][:200]}"
-        return dict(crashed=done.returncode < 0, error=why, notes=notes)
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]), notes=notes)
+PROBE_NORMS = ("bn", "mabn")
+
+
+def probe_mode(check: Check) -> str:
+    return "default" if check.dry else "reduce-overhead"
+
+
+def start_probes(check: Check) -> None:
+    """Start `compile_probe` for each norm in a child process of its own, now: they compile while the
+    correctness sections run (none of them is timed), and a crash there (CUDA graphs have segfaulted on
+    buffers fed back, pytorch/pytorch#192748) becomes a row of the report instead of the end of the check."""
+    for norm in PROBE_NORMS:
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--probe", f"{norm}:{probe_mode(check)}"]
+        if check.dry:
+            cmd.append("--dry-run")
+        check.probes[norm] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_probe(check: Check, norm: str) -> dict:
+    child = check.probes.pop(norm)
+    try:
+        stdout, stderr = child.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        stdout, stderr = child.communicate()
+    notes = sorted({line.strip()[:160] for line in stderr.splitlines() if "cudagraph" in line.lower()})
+    if child.returncode != 0 or not stdout.strip():
+        tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+        why = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}: {tail[0][:200]}"
+        return dict(crashed=child.returncode < 0, error=why, notes=notes)
+    return dict(json.loads(stdout.strip().splitlines()[-1]), notes=notes)
 
 
 def compiled_phases(check: Check) -> str:
     """`train.compile` through MABN's phases (BN beside it), as the launch-bound real batch of 2 would run it:
     with CUDA graphs (`reduce-overhead`) on the device; the dry run traces with AOTAutograd, no code generation."""
-    mode = "default" if check.dry else "reduce-overhead"
+    mode = probe_mode(check)
+    if not check.probes:
+        start_probes(check)
     rows, failed = [], []
-    for norm in ("bn", "mabn"):
-        result = run_probe(check, norm, mode)
+    for norm in PROBE_NORMS:
+        result = finish_probe(check, norm)
         check.numbers.setdefault("compile_probe", {})[f"{norm}:{mode}"] = result
         if "error" in result:
             result["failed"] = result["error"]
@@ -532,7 +554,7 @@ def main() -> int:
                         help="train.compile rows of the ResNet-50 step table, N:MODE comma-separated "
                              f"(N 32 or 2; MODE {', '.join(MODES)}); default 2:reduce-overhead (a norm that fails "
                              "section 7's probe in that mode is timed in the default mode), empty for none")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)  # NORM:MODE, one compile_probe as a JSON line (run_probe's child)
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # NORM:MODE, one compile_probe as a JSON line (start_probes's child)
     args = parser.parse_args()
     if args.probe:
         norm, mode = args.probe.split(":")
@@ -566,6 +588,8 @@ def main() -> int:
     check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run, compile_steps)
     started = time.time()
     source = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if only is None or [fn for _, fn in SECTIONS].index(compiled_phases) + 1 in only:
+        start_probes(check)  # they compile beside sections 1-6
     for index, (title, fn) in enumerate(SECTIONS, 1):
         if only is None or index in only:
             check.section(title, lambda fn=fn: fn(check))
