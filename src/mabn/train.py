@@ -42,7 +42,8 @@ from .resume import check_same_run, find_checkpoint
 log = logging.getLogger("mabn.train")
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]  # an editable install: src/mabn/ in the checkout
 CONFIG_DIR = str(PROJECT_ROOT / "configs")
-# Config keys that must match for a checkpoint to continue a run (others, e.g. epochs, may change).
+
+
 def source_version() -> str:
     """The commit this run's code comes from, "+dirty" when src/ or configs/ differ from it, "unknown"
     outside a git checkout. Recorded with every epoch: a resumed run may span several commits."""
