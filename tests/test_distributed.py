@@ -163,6 +163,10 @@ def test_torchrun_job_writes_one_checkpoint_a_single_process_can_load(tiny_shape
                                         f"train.resume={ckpts[0]}", "run_name=continued"),
                           capture_output=True, text=True, timeout=300)
     assert cont.returncode == 0, cont.stderr[-2000:]
+    # ... but not in its own run dir, as if it were the same run: its SGD batch, lr and shards follow the world size
+    same = subprocess.run(train_command(tiny_shapes, tmp_path, "norm=mabn", "data.batch_per_gpu=4"),
+                          capture_output=True, text=True, timeout=300)
+    assert same.returncode == 2 and "was trained by 2 processes, this run has 1" in same.stderr, same.stderr[-2000:]
 
 
 def test_launch_refuses_more_gpus_than_visible_and_a_busy_port():

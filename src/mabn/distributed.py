@@ -42,10 +42,15 @@ def export_slurm_environment() -> None:
     TorchDistributedEnvironment().export()
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun or SLURM launched for this run (1 outside them); no process group needed."""
+    export_slurm_environment()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def init_distributed(requested_device: str = "auto") -> DistInfo:
     """Join the process group when launched by torchrun or SLURM (NCCL on GPU, gloo on CPU)."""
-    export_slurm_environment()
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    world_size = launched_world_size()
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = resolve_device(requested_device, local_rank)

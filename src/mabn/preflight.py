@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from .config import ConfigError, model_kwargs, validate
 from .data import DatasetError, check_layout
+from .distributed import launched_world_size
 from .models import build_model
 from .resume import check_resume
 
@@ -70,7 +71,11 @@ class Preflight(Callback):
         self.records: dict[pathlib.Path, dict[str, bytes]] = {}
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        self._fail_on_error(lambda: (preflight(config, config.hydra.run.dir), check_resume(config, config.hydra.run.dir)))
+        def check():
+            preflight(config, config.hydra.run.dir)
+            check_resume(config, config.hydra.run.dir, launched_world_size())
+
+        self._fail_on_error(check)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         self._fail_on_error(lambda: preflight(config, config.hydra.sweep.dir))
@@ -85,7 +90,7 @@ class Preflight(Callback):
 
         def check():
             try:
-                check_resume(config, run_dir)
+                check_resume(config, run_dir, launched_world_size())
             except ConfigError:
                 folder = (run_dir / config.hydra.output_subdir).resolve()
                 for name, data in self.records.get(folder, {}).items():

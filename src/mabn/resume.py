@@ -68,14 +68,22 @@ def differences(saved: DictConfig, current: DictConfig, allowed=()) -> list[tupl
     return sorted(found, key=lambda d: HEADLINE.index(d[0]) if d[0] in HEADLINE else len(HEADLINE))
 
 
-def check_same_run(saved: DictConfig, current: DictConfig, path) -> None:
-    """`train.resume=auto` (the run dir's own checkpoint): every setting but the operational ones must match.
-    An explicit checkpoint path is a deliberate start from it (e.g. training a finished run on in another run
-    dir): only the HEADLINE settings, without which the state would not fit the model, must match."""
+def check_same_run(state: dict, current: DictConfig, path, world_size: int) -> None:
+    """`train.resume=auto` (the run dir's own checkpoint): every setting but the operational ones must match,
+    and the number of processes (the SGD batch, the lr and each process's data shard follow it). An explicit
+    checkpoint path is a deliberate start from it (e.g. training a finished run on in another run dir): only
+    the HEADLINE settings, without which the state would not fit the model, must match."""
+    saved = OmegaConf.create(state["config"])
     allowed = [str(k) for k in (OmegaConf.select(current, "train.resume_changes") or [])]
     found = differences(saved, current, allowed)
     if str(OmegaConf.select(current, "train.resume")) != "auto":
         found = [d for d in found if d[0] in HEADLINE]
+    elif state.get("world_size", world_size) != world_size:
+        raise ResumeMismatch(
+            f"checkpoint {path} was trained by {state['world_size']} processes, this run has {world_size}: the SGD "
+            f"batch, the lr and each process's data shard depend on it; run it with {state['world_size']} processes "
+            f"(GPUS= or PROCS=), or train.resume=never to start over"
+        )
     if not found:
         return
     (key, before, now), more = found[0], found[1:]
@@ -103,8 +111,8 @@ def find_checkpoint(cfg: DictConfig, run_dir) -> tuple[dict, pathlib.Path] | tup
         raise ConfigError(f"train.resume={mode!r} cannot be loaded: {ckpt.describe_error(err)}") from err
 
 
-def check_resume(cfg: DictConfig, run_dir) -> None:
+def check_resume(cfg: DictConfig, run_dir, world_size: int) -> None:
     """Before anything is written: the checkpoint this run would continue from is one of the same run."""
     state, path = find_checkpoint(cfg, run_dir)
     if state is not None:
-        check_same_run(OmegaConf.create(state["config"]), cfg, path)
+        check_same_run(state, cfg, path, world_size)

@@ -196,7 +196,7 @@ class Job:
         state, path = find_checkpoint(self.cfg, self.run_dir)
         if state is None:
             return
-        check_same_run(OmegaConf.create(state["config"]), self.cfg, path)
+        check_same_run(state, self.cfg, path, self.info.world_size)
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
