@@ -22,12 +22,11 @@ def compare(candidates: dict[str, Callable[[], None]], device: str, rounds: int 
     With a `failures` dict, a candidate whose warm-up call raises is left out of the timing and its error
     ("Type: first line") recorded there, so that one broken variant does not cost the others' rows."""
     for name, fn in list(candidates.items()):  # warm-up (allocator, lazy init, compilation)
-        if failures is None:
-            fn()
-            continue
         try:
             fn()
         except Exception as err:  # noqa: BLE001 - reported by the caller
+            if failures is None:
+                raise
             failures[name] = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0][:200]}"
             candidates = {k: v for k, v in candidates.items() if k != name}
     synchronize(device)

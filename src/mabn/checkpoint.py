@@ -123,18 +123,19 @@ class CheckpointDir:
             old.unlink(missing_ok=True)
         return path
 
-    def load_latest(self, map_location="cpu") -> tuple[dict, pathlib.Path] | tuple[None, None]:
+    def load_latest(self, map_location="cpu", mmap: bool = False) -> tuple[dict, pathlib.Path] | tuple[None, None]:
         """The newest checkpoint that loads; a broken one is reported and the one before it is tried."""
         for path in self.step_files():
             try:
-                return load(path, map_location), path
+                return load(path, map_location, mmap), path
             except Exception as err:  # truncated, corrupt or foreign file: fall back to the previous one
                 log.warning("checkpoint %s cannot be loaded (%s); trying the previous one", path, describe_error(err))
         return None, None
 
 
-def load(path: str | os.PathLike, map_location="cpu") -> dict:
-    state = torch.load(path, map_location=map_location, weights_only=True)
+def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+    """A training checkpoint; `mmap=True` maps the tensors instead of reading them (to look at its config)."""
+    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a mabn training checkpoint (no model/config entries)")
     return state

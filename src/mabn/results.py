@@ -82,7 +82,7 @@ def run_settings(cfg) -> dict:
     try:
         settings = flat(cfg)
     except Exception:  # noqa: BLE001 - an interpolation this process cannot resolve: compare the text
-        settings = flat(OmegaConf.create(OmegaConf.to_container(cfg, resolve=False)), resolve=False)
+        settings = flat(cfg, resolve=False)
     return {k: v for k, v in settings.items() if not is_operational(k) and k != "seed"}
 
 

@@ -96,23 +96,24 @@ def check_same_run(state: dict, current: DictConfig, path, world_size: int) -> N
     )
 
 
-def find_checkpoint(cfg: DictConfig, run_dir) -> tuple[dict, pathlib.Path] | tuple[None, None]:
+def find_checkpoint(cfg: DictConfig, run_dir, mmap: bool = False) -> tuple[dict, pathlib.Path] | tuple[None, None]:
     """(state, path) that `train.resume` names: 'auto' (the run dir's newest good checkpoint), a path, or
-    'never' (None, None); an explicit path that does not load is a ConfigError."""
+    'never' (None, None); an explicit path that does not load is a ConfigError. `mmap`: see `ckpt.load`."""
     mode = str(cfg.train.resume)
     if mode == "never":
         return None, None
     if mode == "auto":
-        return ckpt.CheckpointDir(run_dir).load_latest()
+        return ckpt.CheckpointDir(run_dir).load_latest(mmap=mmap)
     path = pathlib.Path(mode)
     try:
-        return ckpt.load(path), path
+        return ckpt.load(path, mmap=mmap), path
     except Exception as err:
         raise ConfigError(f"train.resume={mode!r} cannot be loaded: {ckpt.describe_error(err)}") from err
 
 
 def check_resume(cfg: DictConfig, run_dir, world_size: int) -> None:
-    """Before anything is written: the checkpoint this run would continue from is one of the same run."""
-    state, path = find_checkpoint(cfg, run_dir)
+    """Before anything is written: the checkpoint this run would continue from is one of the same run (its
+    tensors mapped, not read: the trainer loads the checkpoint again to resume)."""
+    state, path = find_checkpoint(cfg, run_dir, mmap=True)
     if state is not None:
         check_same_run(state, cfg, path, world_size)
