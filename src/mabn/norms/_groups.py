@@ -108,6 +108,15 @@ def lerp_buffer(layer, name: str, end: torch.Tensor, weight: float) -> None:
             getattr(layer, name).lerp_(end, weight)
 
 
+def as_output(y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`y` in `dtype`, as an autograd.Function's forward returns it: `y` itself when it already is.
+
+    `y.to(dtype)` would return the same tensor under a second name; torch 2.11's compile then routes
+    the output's gradient to that alias and every gradient before the layer is zero, silently
+    (pytorch/pytorch#180642, fixed in 2.12; the machines lent for `make gpu-check` run 2.11)."""
+    return y if y.dtype == dtype else y.to(dtype)
+
+
 def per_group(t: torch.Tensor) -> torch.Tensor:
     """A (G, C) statistic (or a (C,) parameter) shaped to broadcast against the (G, b, C, H*W) view."""
     return t[:, None, :, None] if t.dim() == 2 else t[:, None]

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ._groups import check_input, grad_sums, group_view, is_number, per_group, require, scale_shift, second_moment
+from ._groups import as_output, check_input, grad_sums, group_view, is_number, per_group, require, scale_shift, second_moment
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -80,7 +80,7 @@ class GroupBatchNormFunction(torch.autograd.Function):
         ctx.save_for_backward(centered, inv_std, scale, r, d)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(mean, var)
-        return y.to(x.dtype), mean, var
+        return as_output(y, x.dtype), mean, var
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var):

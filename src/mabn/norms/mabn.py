@@ -13,8 +13,8 @@ one forward as consecutive entries, so a window of m groups spans this and earli
 import torch
 from torch import nn
 
-from ._groups import (check_input, grad_sums, group_view, is_int, is_number, layer_label, lerp_buffer, per_sample, require,
-                      scale_shift, second_moment, store_buffer)
+from ._groups import (as_output, check_input, grad_sums, group_view, is_int, is_number, layer_label, lerp_buffer,
+                      per_sample, require, scale_shift, second_moment, store_buffer)
 
 AVERAGES = ("sma", "ema")
 
@@ -187,7 +187,7 @@ class MABNFunction(torch.autograd.Function):
         scale = gamma_r * inv_std  # (G, C): gamma r / sqrt(var + eps)
         y = scale_shift(x.to(inv_std.dtype), per_sample(scale, b), bias[:, None, None])
         ctx.save_for_backward(x, var, inv_std, scale, r)
-        return y.to(x.dtype)
+        return as_output(y, x.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
