@@ -112,17 +112,21 @@ def environment(check: Check) -> str:
 
 
 # -- correctness ------------------------------------------------------------------------------------
-def reference_tests(check: Check) -> str:
-    """The float64 reference tests of every batch-statistics norm, on this device (their `device` fixture)."""
-    selection = "cuda" if check.device.startswith("cuda") else "cpu and eval"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_norms_mabn.py",
-           "tests/test_norms_bn_brn.py", "-k", selection]
+def run_pytest(check: Check, name: str, files: list, selection: str) -> str:
+    """`pytest -q FILES -k SELECTION` on this machine's torch; its tail as markdown, raising when it failed."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", selection]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     tail = "\n".join(done.stdout.strip().splitlines()[-15:])
-    check.numbers["reference_tests"] = tail.splitlines()[-1] if tail else ""
+    check.numbers[name] = tail.splitlines()[-1] if tail else ""
     if done.returncode != 0:
         raise AssertionError(f"pytest -k {selection!r} failed:\n{tail}\n{done.stderr[-2000:]}")
     return f"`{' '.join(cmd[1:])}`\n\n```\n{tail}\n```\n"
+
+
+def reference_tests(check: Check) -> str:
+    """The float64 reference tests of every batch-statistics norm, on this device (their `device` fixture)."""
+    selection = "cuda" if check.device.startswith("cuda") else "cpu and eval"
+    return run_pytest(check, "reference_tests", ["tests/test_norms_mabn.py", "tests/test_norms_bn_brn.py"], selection)
 
 
 def group_norms_match_torch(check: Check) -> str:
@@ -258,17 +262,22 @@ def training_and_resume(check: Check) -> str:
 PROBE_STEPS, PROBE_PHASES = 10, dict(warmup=3, renorm_start=6, window=2)  # t < 3 warmup, 3..6 averaging, t > 6 r on
 
 
-def compile_probe(device: str, norm: str, mode: str, backend: str) -> dict:
+def compile_probe(device: str, norm: str, mode: str, backend: str, norm_batch: int | None = None) -> dict:
     """Eager and `compile_model(mode)` copies of a small centered-conv net trained side by side in float64
     on the same batches through MABN's three phases; what the compiled copy did differently.
 
+    A real batch of 2 (one group: the layers' batch-norm-kernel path), or with `norm_batch` two groups of
+    it (ghost batches, as in the paper's figure: the layers' own group path).
     float64, so that a wrong value (a buffer read after a CUDA-graph replay overwrote it, a gradient from
     a stale buffer) stands out from rounding (~1e-13 here; float32 at b = 2 parts after a few steps)."""
     from torch._dynamo.utils import counters
 
     torch.manual_seed(0)
     conv = CenConv2d if norm == "mabn" else torch.nn.Conv2d
-    options = PROBE_PHASES if norm == "mabn" else {}  # one group, as at a real batch of 2
+    options = dict(PROBE_PHASES) if norm == "mabn" else {}
+    if norm_batch is not None:
+        options["norm_batch"] = norm_batch
+    batch = 2 if norm_batch is None else 2 * norm_batch
     net = torch.nn.Sequential(conv(3, 16, 3, padding=1), build_norm(norm, 16, **options), torch.nn.ReLU(),
                               conv(16, 16, 3, padding=1), build_norm(norm, 16, **options), torch.nn.ReLU(),
                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
@@ -280,8 +289,8 @@ def compile_probe(device: str, norm: str, mode: str, backend: str) -> dict:
     gen = torch.Generator().manual_seed(1)
     worst = 0.0
     for _ in range(PROBE_STEPS):
-        x = torch.randn(2, 3, 8, 8, generator=gen, dtype=torch.float64).to(device)
-        y = torch.randint(0, 10, (2,), generator=gen).to(device)
+        x = torch.randn(batch, 3, 8, 8, generator=gen, dtype=torch.float64).to(device)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(device)
         pair = []
         for model, opt in zip((eager, compiled), opts):
             loss = F.cross_entropy(model(x), y)
@@ -297,7 +306,15 @@ def compile_probe(device: str, norm: str, mode: str, backend: str) -> dict:
                 cudagraph={k: v for k, v in counters["inductor"].items() if "cudagraph" in k})
 
 
-PROBE_NORMS = ("bn", "mabn")
+# (norm, norm_batch): a real batch of 2, and ghost batches of 2 in a batch of 4. The ghost rows guard the
+# layers' group path, whose gradients torch 2.11's compile zeroed while the one-group path was right
+# (pytorch/pytorch#180642; `norms._groups.as_output`).
+PROBES = (("bn", None), ("mabn", None), ("bn", 2), ("mabn", 2))
+
+
+def probe_key(norm: str, norm_batch: int | None) -> str:
+    """`norm`, or `norm/b2` for ghost batches: the probe's name in rows, `--probe` and the json."""
+    return norm if norm_batch is None else f"{norm}/b{norm_batch}"
 
 
 def probe_mode(check: Check) -> str:
@@ -308,15 +325,16 @@ def start_probes(check: Check) -> None:
     """Start `compile_probe` for each norm in a child process of its own, now: they compile while the
     correctness sections run (none of them is timed), and a crash there (CUDA graphs have segfaulted on
     buffers fed back, pytorch/pytorch#192748) becomes a row of the report instead of the end of the check."""
-    for norm in PROBE_NORMS:
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--probe", f"{norm}:{probe_mode(check)}"]
+    for norm, norm_batch in PROBES:
+        key = probe_key(norm, norm_batch)
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--probe", f"{key}:{probe_mode(check)}"]
         if check.dry:
             cmd.append("--dry-run")
-        check.probes[norm] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        check.probes[key] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish_probe(check: Check, norm: str) -> dict:
-    child = check.probes.pop(norm)
+def finish_probe(check: Check, key: str) -> dict:
+    child = check.probes.pop(key)
     try:
         stdout, stderr = child.communicate(timeout=600)
     except subprocess.TimeoutExpired:
@@ -336,17 +354,26 @@ def compiled_phases(check: Check) -> str:
     mode = probe_mode(check)
     if not check.probes:
         start_probes(check)
-    rows, failed = [], []
-    for norm in PROBE_NORMS:
-        result = finish_probe(check, norm)
-        check.numbers.setdefault("compile_probe", {})[f"{norm}:{mode}"] = result
+    # First the CPU tests of train.compile (every norm, graphs per phase, losses as eager's) on this machine's
+    # torch, which is not the one CI runs: torch 2.11 zeroed the gradients of the layers' group path there.
+    try:
+        tests = run_pytest(check, "compile_tests", ["tests/test_compile.py"],
+                           "matches_eager and bn" if check.dry else "not slow")  # the dry run: one, that it runs
+        failed = []
+    except AssertionError as err:
+        tests, failed = f"```\n{err}\n```\n", ["tests/test_compile.py failed on this torch"]
+    rows = []
+    for norm, norm_batch in PROBES:
+        key = probe_key(norm, norm_batch)
+        result = finish_probe(check, key)
+        check.numbers.setdefault("compile_probe", {})[f"{key}:{mode}"] = result
         if "error" in result:
             result["failed"] = result["error"]
-            rows.append([norm, mode, "-", "-", "-", "-", result["error"]])
-            failed.append(f"{norm} {result['error']}")
+            rows.append([key, mode, "-", "-", "-", "-", result["error"]])
+            failed.append(f"{key} {result['error']}")
             continue
         skips = result["cudagraph"].get("cudagraph_skips", 0)
-        rows.append([norm, mode, f"{result['loss_rel']:.1e}", f"{result['state_rel']:.1e}", str(result["graphs"]),
+        rows.append([key, mode, f"{result['loss_rel']:.1e}", f"{result['state_rel']:.1e}", str(result["graphs"]),
                      str(skips) if check.device.startswith("cuda") else "-", "; ".join(result["notes"][:3]) or "-"])
         wrong = []
         if result["loss_rel"] > 1e-9 or result["state_rel"] > 1e-9:
@@ -355,12 +382,14 @@ def compiled_phases(check: Check) -> str:
             wrong.append(f"{result['graphs']} graphs, {result['graph_breaks']} graph breaks")
         if wrong:
             result["failed"] = "; ".join(wrong)
-            failed.append(f"{norm}: {result['failed']}")
-    text = (f"Two convs (centered for MABN) + {{BN, MABN}} + linear, a real batch of 2 at 8 px, float64, eager and `compile_model(mode="
+            failed.append(f"{key}: {result['failed']}")
+    text = (f"Two convs (centered for MABN) + {{BN, MABN}} + linear, a real batch of 2 at 8 px (`/b2`: ghost batches of 2 in "
+            f"a batch of 4), float64, eager and `compile_model(mode="
             f"{mode!r})` side by side for {PROBE_STEPS} SGD steps on the same batches (MABN: warmup to t = 3, averaging, "
             f"r from t = 7: three graphs); largest relative difference of a step's loss and of any state entry, "
             f"graphs compiled, CUDA-graph skips and inductor's notes on them:\n\n")
     text += markdown_table(["norm", "mode", "loss rel. diff", "state rel. diff", "graphs", "cudagraph skips", "notes"], rows)
+    text += f"\nThe CPU tests of `train.compile` on this machine's torch {torch.__version__}:\n\n{tests}"
     assert not failed, "; ".join(failed)
     return text
 
@@ -554,13 +583,14 @@ def main() -> int:
                         help="train.compile rows of the ResNet-50 step table, N:MODE comma-separated "
                              f"(N 32 or 2; MODE {', '.join(MODES)}); default 2:reduce-overhead (a norm that fails "
                              "section 7's probe in that mode is timed in the default mode), empty for none")
-    parser.add_argument("--probe", help=argparse.SUPPRESS)  # NORM:MODE, one compile_probe as a JSON line (start_probes's child)
+    parser.add_argument("--probe", help=argparse.SUPPRESS)  # KEY:MODE (probe_key), one compile_probe as a JSON line (start_probes's child)
     args = parser.parse_args()
     if args.probe:
-        norm, mode = args.probe.split(":")
+        key, mode = args.probe.split(":")
+        norm, _, ghost = key.partition("/b")
         device, backend = ("cpu", "aot_eager_decomp_partition") if args.dry_run else ("cuda:0", "inductor")
         torch._logging.set_logs(perf_hints=True)  # inductor says there why it skips CUDA graphs
-        print(json.dumps(compile_probe(device, norm, mode, backend)))
+        print(json.dumps(compile_probe(device, norm, mode, backend, int(ghost) if ghost else None)))
         return 0
     if not args.out:
         print("error: --out is required: the folder for gpu_check.md and gpu_check.json", file=sys.stderr)
