@@ -196,11 +196,15 @@ def test_same_seed_same_augmentation_whatever_the_worker(tiny_shapes):
     assert torch.equal(a, b) and not torch.equal(a, ds[(5, 778)][0])
 
 
-def test_dali_refuses_file_names_its_file_list_cannot_hold(tiny_shapes, tmp_path):
+def test_dali_refuses_file_names_its_file_list_cannot_hold(tiny_shapes, tmp_path, monkeypatch):
     import shutil
 
+    import mabn.data.dali as dali
     from mabn.data import DatasetError
 
+    # The check comes before DALI is imported: it holds where DALI is missing (the GPU machines), which
+    # would otherwise fall back to torchvision first.
+    monkeypatch.setattr(dali, "dali_unavailable_reason", lambda: None)
     shutil.copytree(tiny_shapes, tmp_path / "data")
     victim = sorted((tmp_path / "data" / "val").rglob("*.JPEG"))[0]
     victim.rename(victim.with_name("a copy.JPEG"))

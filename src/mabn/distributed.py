@@ -1,6 +1,7 @@
 """The process group: detected from torchrun's (or SLURM's) environment, single process otherwise."""
 import contextlib
 import datetime
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -66,6 +67,20 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.enabled:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def wrap_ddp(net: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """DistributedDataParallel with per-process norm statistics, as in the paper: buffers are not synced
+    during training (SPEC §1). At start-up every rank holds the same buffers anyway: fresh, or rank 0's
+    from the checkpoint.
+
+    The switch is `forward_sync_buffers=False` from torch 2.13 (`broadcast_buffers`, deprecated there, still
+    works); torch before 2.13 has only `broadcast_buffers=False`, which the GPU machines' 2.11 needs."""
+    device_ids = [info.local_rank] if info.device.startswith("cuda") else None
+    ddp = torch.nn.parallel.DistributedDataParallel
+    if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
+        return ddp(net, device_ids=device_ids, forward_sync_buffers=False)
+    return ddp(net, device_ids=device_ids, broadcast_buffers=False)
 
 
 def running_stat_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from .distributed import (
     closing_process_group,
     init_distributed,
     rank_averaged_running_stats,
+    wrap_ddp,
 )
 from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epoch
 from .host_memory import keep_freed_blocks
@@ -92,11 +93,7 @@ class Job:
         self.net = net
         self.model = net
         if info.enabled:
-            # Per-process norm statistics as in the paper: buffers are not synced during training
-            # (SPEC §1; the old name of this switch is broadcast_buffers=False). At start-up every rank
-            # holds the same buffers anyway: fresh, or rank 0's from the checkpoint.
-            device_ids = [info.local_rank] if info.device.startswith("cuda") else None
-            self.model = torch.nn.parallel.DistributedDataParallel(net, device_ids=device_ids, forward_sync_buffers=False)
+            self.model = wrap_ddp(net, info)  # per-process norm statistics, as in the paper
         self.model_eager = self.model  # batch-statistics recording runs it: its hooks need eager layers
         if cfg.train.compile:
             self.model = compile_model(self.model, mode=cfg.train.compile_mode)
