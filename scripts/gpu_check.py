@@ -354,11 +354,12 @@ def compiled_phases(check: Check) -> str:
     mode = probe_mode(check)
     if not check.probes:
         start_probes(check)
-    # First the CPU tests of train.compile (every norm, graphs per phase, losses as eager's) on this machine's
-    # torch, which is not the one CI runs: torch 2.11 zeroed the gradients of the layers' group path there.
+    # First the CPU tests of train.compile (every norm, graphs per phase, losses as eager's; SyncBN on two
+    # processes) on this machine's torch, which is not the one CI runs: torch 2.11 got the gradients of the
+    # layers' group path and of SyncBN's collective wrong there.
     try:
-        tests = run_pytest(check, "compile_tests", ["tests/test_compile.py"],
-                           "mode_is_checked" if check.dry else "not slow")  # the dry run: a quick one, that it runs
+        tests = run_pytest(check, "compile_tests", ["tests/test_compile.py", "tests/test_distributed.py"],
+                           "mode_is_checked" if check.dry else "compile or syncbn")  # the dry run: a quick one, that it runs
         failed = []
     except AssertionError as err:
         tests, failed = f"```\n{err}\n```\n", ["tests/test_compile.py failed on this torch"]

@@ -52,7 +52,9 @@ class _AllReduceSum(torch.autograd.Function):
     def forward(ctx, local: torch.Tensor) -> torch.Tensor:
         total = local.clone()
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        return total
+        # A fresh tensor, not the one written in place: under torch 2.11's compile the output written in
+        # place here took wrong gradients (pytorch/pytorch#180642, fixed in 2.12; a (2C + 1)-value copy).
+        return total.clone()
 
     @staticmethod
     def backward(ctx, grad_total: torch.Tensor) -> torch.Tensor:
