@@ -70,6 +70,7 @@ class Check:
         self.device, self.dry, self.compile_steps = device, dry, compile_steps
         self.sections, self.numbers, self.summary = [], {}, []
         self.probes: dict[str, subprocess.Popen] = {}  # compile probes running in child processes (section 7)
+        self.compile_tests: subprocess.Popen | None = None  # and the compile tests (section 7)
 
     def section(self, title: str, fn) -> None:
         print(f"== {title}", file=sys.stderr, flush=True)
@@ -112,21 +113,31 @@ def environment(check: Check) -> str:
 
 
 # -- correctness ------------------------------------------------------------------------------------
-def run_pytest(check: Check, name: str, files: list, selection: str) -> str:
-    """`pytest -q FILES -k SELECTION` on this machine's torch; its tail as markdown, raising when it failed."""
+def start_pytest(files: list, selection: str) -> subprocess.Popen:
+    """`pytest -q FILES -k SELECTION` on this machine's torch, started in a child process."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", selection]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    tail = "\n".join(done.stdout.strip().splitlines()[-15:])
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_pytest(check: Check, name: str, child: subprocess.Popen) -> str:
+    """Wait for `start_pytest`'s child; its tail as markdown, raising when it failed."""
+    try:
+        stdout, stderr = child.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        stdout, stderr = child.communicate()
+    tail = "\n".join(stdout.strip().splitlines()[-15:])
     check.numbers[name] = tail.splitlines()[-1] if tail else ""
-    if done.returncode != 0:
-        raise AssertionError(f"pytest -k {selection!r} failed:\n{tail}\n{done.stderr[-2000:]}")
-    return f"`{' '.join(cmd[1:])}`\n\n```\n{tail}\n```\n"
+    if child.returncode != 0:
+        raise AssertionError(f"{' '.join(child.args[3:])} failed:\n{tail}\n{stderr[-2000:]}")
+    return f"`{' '.join(child.args[1:])}`\n\n```\n{tail}\n```\n"
 
 
 def reference_tests(check: Check) -> str:
     """The float64 reference tests of every batch-statistics norm, on this device (their `device` fixture)."""
     selection = "cuda" if check.device.startswith("cuda") else "cpu and eval"
-    return run_pytest(check, "reference_tests", ["tests/test_norms_mabn.py", "tests/test_norms_bn_brn.py"], selection)
+    return finish_pytest(check, "reference_tests",
+                         start_pytest(["tests/test_norms_mabn.py", "tests/test_norms_bn_brn.py"], selection))
 
 
 def group_norms_match_torch(check: Check) -> str:
@@ -322,8 +333,8 @@ def probe_mode(check: Check) -> str:
 
 
 def start_probes(check: Check) -> None:
-    """Start `compile_probe` for each norm in a child process of its own, now: they compile while the
-    correctness sections run (none of them is timed), and a crash there (CUDA graphs have segfaulted on
+    """Start `compile_probe` for each norm in a child process of its own, and the compile tests, now: they
+    run while the correctness sections run (none of them is timed), and a crash there (CUDA graphs have segfaulted on
     buffers fed back, pytorch/pytorch#192748) becomes a row of the report instead of the end of the check."""
     for norm, norm_batch in PROBES:
         key = probe_key(norm, norm_batch)
@@ -331,6 +342,11 @@ def start_probes(check: Check) -> None:
         if check.dry:
             cmd.append("--dry-run")
         check.probes[key] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # The CPU tests of train.compile (every norm, graphs per phase, losses as eager's; SyncBN on two processes)
+    # on this machine's torch, which is not the one CI runs: torch 2.11 got the gradients of the layers' group
+    # path and of SyncBN's collective wrong there. The dry run starts a quick one, to show that it runs.
+    check.compile_tests = start_pytest(["tests/test_compile.py", "tests/test_distributed.py"],
+                                       "mode_is_checked" if check.dry else "compile or syncbn")
 
 
 def finish_probe(check: Check, key: str) -> dict:
@@ -354,15 +370,10 @@ def compiled_phases(check: Check) -> str:
     mode = probe_mode(check)
     if not check.probes:
         start_probes(check)
-    # First the CPU tests of train.compile (every norm, graphs per phase, losses as eager's; SyncBN on two
-    # processes) on this machine's torch, which is not the one CI runs: torch 2.11 got the gradients of the
-    # layers' group path and of SyncBN's collective wrong there.
     try:
-        tests = run_pytest(check, "compile_tests", ["tests/test_compile.py", "tests/test_distributed.py"],
-                           "mode_is_checked" if check.dry else "compile or syncbn")  # the dry run: a quick one, that it runs
-        failed = []
+        tests, failed = finish_pytest(check, "compile_tests", check.compile_tests), []
     except AssertionError as err:
-        tests, failed = f"```\n{err}\n```\n", ["tests/test_compile.py failed on this torch"]
+        tests, failed = f"```\n{err}\n```\n", ["the compile tests failed on this torch"]
     rows = []
     for norm, norm_batch in PROBES:
         key = probe_key(norm, norm_batch)
