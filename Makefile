@@ -37,7 +37,7 @@ LAUNCH := $(LAUNCHER) --gpus $(GPUS) --
 endif
 
 
-.PHONY: help install train sweep table plot repro repro-report test test-slow bench gpu-check gpu-wheels tensorboard data clean-venv
+.PHONY: help install train sweep table plot repro repro-report test test-slow bench gpu-check gpu-wheels test-gpu-torch tensorboard data clean-venv
 
 help:
 	@echo "make train [NORM=bn|syncbn|gn|ln|in|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
@@ -46,6 +46,7 @@ help:
 	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,proposal,third]   the paper's comparison on Imagenette"
 	@echo "make test | make test-slow | make bench | make tensorboard"
 	@echo "make gpu-check [GPU_CHECK_OUT=dir] [ARGS=--dry-run]   the CUDA path's correctness and speed in one report (make gpu-wheels first)"
+	@echo "make test-gpu-torch [GPU_TORCH=2.11.0]   the tests and that dry run here on the GPU machines' torch (a side venv)"
 
 install: $(INSTALLED)
 
@@ -109,6 +110,19 @@ gpu-check:
 gpu-wheels: $(INSTALLED)
 	$(PY) -m pip wheel --quiet --no-deps -w .gpu-wheels $(GPU_WHEELS)
 	@ls .gpu-wheels
+
+# The tests and the check's dry run on the GPU machines' own torch (2.11 there, 2.14.1 pinned here), on CPU,
+# before a GPU session: a side venv (about 5 GB of wheels, once). torch 2.11 broke compiled gradients that CI's
+# torch gets right (docs/results/gpu.md).
+GPU_TORCH ?= 2.11.0
+GPU_TORCHVISION ?= 0.26.0
+GPU_TORCH_VENV ?= .cache/torch-$(GPU_TORCH)
+test-gpu-torch: gpu-wheels
+	@[ -x $(GPU_TORCH_VENV)/bin/python ] || { $(PYTHON) -m venv $(GPU_TORCH_VENV) && \
+	    $(GPU_TORCH_VENV)/bin/pip install --quiet torch==$(GPU_TORCH) torchvision==$(GPU_TORCHVISION) pyyaml pytest \
+	    scipy tensorboard tqdm matplotlib submitit==1.5.4 hydra-submitit-launcher==1.2.0 .gpu-wheels/*.whl; }
+	PYTHONPATH=src $(GPU_TORCH_VENV)/bin/python -m pytest -q -p no:cacheprovider tests $(ARGS)
+	$(MAKE) gpu-check GPU_PY=$(GPU_TORCH_VENV)/bin/python GPU_CHECK_OUT=$(GPU_CHECK_OUT)-torch-$(GPU_TORCH) ARGS=--dry-run
 
 bench: $(INSTALLED)
 	$(PY) -m scripts.bench.run_all --out $(OUTPUTS)/bench $(BENCH_ARGS)
