@@ -342,7 +342,7 @@ def start_probes(check: Check) -> None:
         if check.dry:
             cmd.append("--dry-run")
         check.probes[key] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # The CPU tests of train.compile (every norm, graphs per phase, losses as eager's; SyncBN on two processes)
+    # The CPU tests of train.compile (every norm, graphs per phase, losses as eager's; DDP and SyncBN on two processes)
     # on this machine's torch, which is not the one CI runs: torch 2.11 got the gradients of the layers' group
     # path and of SyncBN's collective wrong there. The dry run starts a quick one, to show that it runs.
     check.compile_tests = start_pytest(["tests/test_compile.py", "tests/test_distributed.py"],

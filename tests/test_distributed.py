@@ -92,6 +92,50 @@ def test_ddp_parameters_agree_buffers_stay_per_process_eval_covers_val_once(tiny
     assert result["val"]["val_top5_err"] == single["val_top5_err"]
 
 
+def _ddp_compile_worker(rank, world, out, norm):
+    import copy
+
+    import torch.nn.functional as F
+
+    from mabn.compile import compile_model
+    from mabn.distributed import wrap_ddp
+
+    from .test_compile import BACKEND, RENORM_START, WARMUP, WINDOW, tiny_net
+
+    options = dict(warmup=WARMUP, renorm_start=RENORM_START, window=WINDOW) if norm == "mabn" else {}
+    net = tiny_net(norm, norm_batch=2, **options)  # ghost batches: the layers' own group path
+    eager_net = copy.deepcopy(net)
+    info = DistInfo(rank, world, 0, "cpu")
+    models = (wrap_ddp(eager_net, info), compile_model(wrap_ddp(net, info), backend=BACKEND))
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager_net, net)]
+    gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data
+    losses = []
+    for _ in range(RENORM_START + 4):  # through MABN's three phases
+        x = torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 5, (8,), generator=gen)
+        pair = []
+        for model, opt in zip(models, opts):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            pair.append(loss.item())
+        losses.append(pair)
+    torch.save(dict(losses=losses, eager=eager_net.state_dict(), compiled=net.state_dict()), out / f"ddp_compile{rank}.pt")
+
+
+@pytest.mark.parametrize("norm", ["bn", "mabn"])
+def test_ddp_with_train_compile_trains_as_eager_ddp(tmp_path, norm):
+    """`GPUS>1 train.compile=true`: the compiled model wraps DDP (whose buckets split the graph), float64."""
+    run_ranks(_ddp_compile_worker, tmp_path, norm)
+    for rank in (0, 1):
+        result = torch.load(tmp_path / f"ddp_compile{rank}.pt", weights_only=True)
+        for step, (eager, compiled) in enumerate(result["losses"], start=1):
+            assert compiled == pytest.approx(eager, rel=1e-10), f"rank {rank}, step {step}"
+        for name, value in result["eager"].items():
+            torch.testing.assert_close(result["compiled"][name], value, rtol=1e-10, atol=1e-12, msg=name)
+
+
 def _single_job(root, out, norm):
     return _job(root, out / "single", 0, 1, norm)
 
