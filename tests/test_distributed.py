@@ -126,7 +126,7 @@ def _ddp_compile_worker(rank, world, out, norm):
 
 @pytest.mark.parametrize("norm", ["bn", "mabn"])
 def test_ddp_with_train_compile_trains_as_eager_ddp(tmp_path, norm):
-    """`GPUS>1 train.compile=true`: the compiled model wraps DDP (whose buckets split the graph), float64."""
+    """`GPUS>1 train.compile=true`: the compiled model wraps DDP (dynamo steps around DDP's own forward), float64."""
     run_ranks(_ddp_compile_worker, tmp_path, norm)
     for rank in (0, 1):
         result = torch.load(tmp_path / f"ddp_compile{rank}.pt", weights_only=True)
