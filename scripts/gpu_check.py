@@ -119,13 +119,18 @@ def start_pytest(files: list, selection: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def finish_pytest(check: Check, name: str, child: subprocess.Popen) -> str:
-    """Wait for `start_pytest`'s child; its tail as markdown, raising when it failed."""
+def wait_for(child: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """The child's (stdout, stderr) once it exits, killing it after `timeout` seconds."""
     try:
-        stdout, stderr = child.communicate(timeout=300)
+        return child.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         child.kill()
-        stdout, stderr = child.communicate()
+        return child.communicate()
+
+
+def finish_pytest(check: Check, name: str, child: subprocess.Popen) -> str:
+    """Wait for `start_pytest`'s child; its tail as markdown, raising when it failed."""
+    stdout, stderr = wait_for(child, timeout=300)
     tail = "\n".join(stdout.strip().splitlines()[-15:])
     check.numbers[name] = tail.splitlines()[-1] if tail else ""
     if child.returncode != 0:
@@ -351,11 +356,7 @@ def start_probes(check: Check) -> None:
 
 def finish_probe(check: Check, key: str) -> dict:
     child = check.probes.pop(key)
-    try:
-        stdout, stderr = child.communicate(timeout=600)
-    except subprocess.TimeoutExpired:
-        child.kill()
-        stdout, stderr = child.communicate()
+    stdout, stderr = wait_for(child, timeout=600)
     notes = sorted({line.strip()[:160] for line in stderr.splitlines() if "cudagraph" in line.lower()})
     if child.returncode != 0 or not stdout.strip():
         tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]

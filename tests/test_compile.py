@@ -39,11 +39,11 @@ def tiny_net(norm: str, **options) -> nn.Module:
 
 
 def train_side_by_side(eager: nn.Module, compiled: nn.Module, net_compiled: nn.Module, steps: int, batch: int = 8,
-                       size: int = 8):
-    """SGD steps on the same float64 batches; returns the per-step (eager, compiled) losses."""
+                       size: int = 8, seed: int = 1):
+    """SGD steps on the same float64 batches (drawn from `seed`); returns the per-step (eager, compiled) losses."""
     opt_e = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
     opt_c = torch.optim.SGD(net_compiled.parameters(), lr=0.1, momentum=0.9)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
         x = torch.randn(batch, 3, size, size, generator=gen, dtype=torch.float64)

@@ -95,32 +95,17 @@ def test_ddp_parameters_agree_buffers_stay_per_process_eval_covers_val_once(tiny
 def _ddp_compile_worker(rank, world, out, norm):
     import copy
 
-    import torch.nn.functional as F
-
     from mabn.compile import compile_model
     from mabn.distributed import wrap_ddp
 
-    from .test_compile import BACKEND, RENORM_START, WARMUP, WINDOW, tiny_net
+    from .test_compile import BACKEND, RENORM_START, WARMUP, WINDOW, tiny_net, train_side_by_side
 
     options = dict(warmup=WARMUP, renorm_start=RENORM_START, window=WINDOW) if norm == "mabn" else {}
     net = tiny_net(norm, norm_batch=2, **options)  # ghost batches: the layers' own group path
     eager_net = copy.deepcopy(net)
     info = DistInfo(rank, world, 0, "cpu")
-    models = (wrap_ddp(eager_net, info), compile_model(wrap_ddp(net, info), backend=BACKEND))
-    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (eager_net, net)]
-    gen = torch.Generator().manual_seed(1 + rank)  # each rank its own data
-    losses = []
-    for _ in range(RENORM_START + 4):  # through MABN's three phases
-        x = torch.randn(8, 3, 8, 8, generator=gen, dtype=torch.float64)
-        y = torch.randint(0, 5, (8,), generator=gen)
-        pair = []
-        for model, opt in zip(models, opts):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            pair.append(loss.item())
-        losses.append(pair)
+    losses = train_side_by_side(wrap_ddp(eager_net, info), compile_model(wrap_ddp(net, info), backend=BACKEND), net,
+                                steps=RENORM_START + 4, seed=1 + rank)  # MABN's three phases; each rank its own data
     torch.save(dict(losses=losses, eager=eager_net.state_dict(), compiled=net.state_dict()), out / f"ddp_compile{rank}.pt")
 
 
