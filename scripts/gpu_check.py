@@ -13,7 +13,8 @@ Sections: environment; correctness (the float64 reference tests on the device, G
 torch, MABN under float16/bfloat16 autocast, folding ResNet-50, 30 steps of ResNet-50 with AMP +
 channels_last whose loss falls, a save-at-15 / reload resume that repeats steps 16-30 bitwise, and
 `train.compile` with CUDA graphs through MABN's phases against eager, in child processes that compile
-while the sections before run);
+while the sections before run; the step table's compiled models are compiled beforehand the same way,
+so that section 10 reads inductor's caches);
 the device-to-host syncs left in a steady-state step; speed side by side (norm layers vs cuDNN BN,
 ResNet-50 training steps at N = 32 and 2 per norm, BN at batch 256 against NVIDIA's published
 A100 number, inference as the paper's throughput table, the input pipelines).
@@ -46,7 +47,7 @@ from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
 from mabn.norms import CenConv2d, MABN2d, build_norm  # noqa: E402
 from scripts.bench import bench_models, bench_norms  # noqa: E402
-from scripts.bench.common import compare, kernel_calls, markdown_table  # noqa: E402
+from scripts.bench.common import compare, kernel_calls, markdown_table, wall  # noqa: E402
 
 NVIDIA_A100_RN50_AMP = 2470  # img/s, DeepLearningExamples ResNet-50 v1.5, A100 80GB, AMP, batch 256 (published)
 PAPER_INFERENCE = {"bn": 237.88, "mabn folded": 237.88, "gn": 99.37, "ln": 125.44, "in": 105.60}  # it/s, SPEC §5
@@ -71,6 +72,7 @@ class Check:
         self.sections, self.numbers, self.summary = [], {}, []
         self.probes: dict[str, subprocess.Popen] = {}  # compile probes running in child processes (section 7)
         self.compile_tests: subprocess.Popen | None = None  # and the compile tests (section 7)
+        self.warm: dict[str, subprocess.Popen] = {}  # section 10's compiled models, compiled beforehand in children
 
     def section(self, title: str, fn) -> None:
         print(f"== {title}", file=sys.stderr, flush=True)
@@ -443,6 +445,7 @@ def host_syncs(check: Check) -> str:
 def norm_speed(check: Check) -> str:
     # eager kernels only: the layer's `kernel=compiled` variant was slower than eager on the H100 (2026-11-27)
     # and its compiles cost the time section 10's train.compile rows need
+    finish_warm_compiles(check)  # the first timed section: no child competes for the host's cores
     text, numbers = bench_norms.run(check.device, quick=check.dry, compiled=False)
     check.numbers["norm_layers"] = numbers
     return text
@@ -463,62 +466,126 @@ def parse_compile_steps(text: str) -> tuple:
     return tuple(items)
 
 
+STEP_VARIANTS = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"),
+                 "mabn": dict(norm="mabn", **bench_models.STEADY)}  # MABN past its warmup: averages and r on
+
+
+def step_inputs(check: Check, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch for the step table's N (`batch`, toy sizes in the dry run): channels_last images, labels."""
+    shape, n = resnet_shape(check), batch if not check.dry else {32: 8, 2: 2}[batch]
+    x = torch.randn(n, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
+    return x, torch.randint(0, 1000, (n,), device=check.device)
+
+
+def step_fn(check: Check, kwargs: dict, x: torch.Tensor, y: torch.Tensor, mode: str | None = None):
+    """One AMP training step of a fresh ResNet (`kwargs` for build_model), `compile_model(mode=mode)` unless None.
+    The dry run traces with the eager backend: the same hooks and phases, no code generation."""
+    shape = resnet_shape(check)
+    torch.manual_seed(0)
+    net = build_model(shape["arch"], num_classes=1000, width=shape["width"], stem=shape["stem"], **kwargs)
+    net = net.to(check.device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler("cuda", enabled=check.device.startswith("cuda"))
+    if mode is not None:
+        net = compile_model(net, mode=mode, backend="eager" if check.dry else "inductor")
+    return lambda: amp_step(net, opt, scaler, x, y, check.device)
+
+
+def start_warm_compiles(check: Check) -> None:
+    """Compile each `train.compile` row of the step table once, in a child process of its own, while the correctness
+    sections run. Inductor keeps what it compiles in on-disk caches (FX graphs, AOTAutograd, Triton kernels) that the
+    check's own process then reads, so section 10 pays a cache load instead of a compile (measured through these functions with inductor on a
+    2-core CPU, a narrow ResNet-18: first step 32 s cold, 10 s warm for BN, 45 s and 15 s for MABN on torch 2.11; 26 s
+    and 1.3 s, 36 s and 8 s on 2.14). A child killed by a signal is also a
+    warning: the same model would take the check down with it, so section 10 leaves that row out."""
+    for batch, mode in check.compile_steps:
+        for norm in ("bn", "mabn"):
+            key = f"{norm}:{batch}:{mode}"
+            cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--warm-compile", key]
+            check.warm[key] = subprocess.Popen(cmd + (["--dry-run"] if check.dry else []), cwd=ROOT,
+                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def warm_compile(check: Check, key: str) -> dict:
+    """`--warm-compile NORM:N:MODE`'s child: the step table's model compiled by one step; its wall time."""
+    norm, batch, mode = key.split(":")
+    x, y = step_inputs(check, int(batch))
+    return {"seconds": wall(step_fn(check, STEP_VARIANTS[norm], x, y, mode), check.device)}
+
+
+def finish_warm_compiles(check: Check) -> None:
+    """Wait for `start_warm_compiles`'s children (before anything is timed: they would share the host's cores);
+    each one's first-step seconds, or how it ended, in check.numbers["warm_compile"]."""
+    for key, child in list(check.warm.items()):
+        stdout, stderr = wait_for(child, timeout=600)
+        del check.warm[key]
+        if child.returncode == 0 and stdout.strip():
+            result = json.loads(stdout.strip().splitlines()[-1])
+        else:
+            tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+            why = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}: {tail[0][:200]}"
+            result = dict(crashed=child.returncode < 0, error=why)
+        check.numbers.setdefault("warm_compile", {})[key] = result
+
+
 def step_speed(check: Check) -> str:
     shape, cuda = resnet_shape(check), check.device.startswith("cuda")
     amp_dtype = torch.float16 if cuda else torch.bfloat16
+    finish_warm_compiles(check)
+    warm = check.numbers.get("warm_compile", {})
     rows = []
-    steady = bench_models.STEADY  # MABN past its warmup: averages and r on
-    variants = {"bn": dict(norm="bn"), "gn": dict(norm="gn"), "brn": dict(norm="brn"), "mabn": dict(norm="mabn", **steady)}
     for batch in STEP_BATCHES:
         # train.compile (torch.compile of the whole model) where --compile-steps asks: about a minute a model
         # on an H100 machine, so only where it can decide a target (default: the launch-bound real batch of 2).
-        # The dry run traces with the eager backend: the same hooks and phases, no code generation.
         compiled, failures = {}, {}
         for n_asked, mode in check.compile_steps:
             for norm in ("bn", "mabn") if n_asked == batch else ():
                 name = f"{norm} train.compile{'' if mode == 'default' else ' ' + mode}"
-                compiled[name] = (mode, variants[norm])
+                compiled[name] = (mode, STEP_VARIANTS[norm])
                 probe = check.numbers.get("compile_probe", {}).get(f"{norm}:{mode}", {})  # section 7
+                child = warm.get(f"{norm}:{batch}:{mode}", {})
                 if probe.get("crashed"):  # it would take the whole check down with it
                     failures[name] = f"not run: the process crashed in the compile probe ({probe['error']})"
+                elif child.get("crashed"):
+                    failures[name] = f"not run: the process compiling it beforehand crashed ({child['error']})"
                 elif probe.get("failed") and mode != "default":  # time the default mode instead
                     failures[name] = f"not timed: failed the compile probe ({probe['failed']})"
-                    compiled[f"{norm} train.compile (default: {mode} failed the probe)"] = ("default", variants[norm])
-        todo = {**variants, **{name: kwargs for name, (_, kwargs) in compiled.items()}}
-        n = batch if not check.dry else {32: 8, 2: 2}[batch]
-        x = torch.randn(n, 3, shape["resolution"], shape["resolution"], device=check.device).to(memory_format=torch.channels_last)
-        y = torch.randint(0, 1000, (n,), device=check.device)
-        fns = {}
+                    compiled[f"{norm} train.compile (default: {mode} failed the probe)"] = ("default", STEP_VARIANTS[norm])
+        todo = {**STEP_VARIANTS, **{name: kwargs for name, (_, kwargs) in compiled.items()}}
+        x, y = step_inputs(check, batch)
+        n, fns = x.shape[0], {}
         for name, kwargs in todo.items():
             if name in failures:
                 continue
-            torch.manual_seed(0)
-            net = build_model(shape["arch"], num_classes=1000, width=shape["width"], stem=shape["stem"], **kwargs)
-            net = net.to(check.device).to(memory_format=torch.channels_last).train()
-            opt = torch.optim.SGD(net.parameters(), lr=1e-4, momentum=0.9)
-            scaler = torch.amp.GradScaler("cuda", enabled=cuda)
             if name in compiled:
                 # compiled by compare's warm-up call; named first, so that a crash there shows which
                 print(f"   N = {n}: {name} compiles on its first step", file=sys.stderr, flush=True)
-                net = compile_model(net, mode=compiled[name][0], backend="eager" if check.dry else "inductor")
-
-            fns[name] = lambda net=net, opt=opt, scaler=scaler, x=x, y=y: amp_step(net, opt, scaler, x, y, check.device)
-        times = compare(fns, check.device, failures=failures, **check.timing())
+            fns[name] = step_fn(check, kwargs, x, y, compiled[name][0] if name in compiled else None)
+        warmups = {}
+        times = compare(fns, check.device, failures=failures, warmups=warmups, **check.timing())
         if "bn" not in times:
             raise RuntimeError(f"N = {n}: eager BN, the baseline, failed: {failures['bn']}")
         for name in todo:
             if name in failures:
-                rows.append([str(n), name, "FAILED", failures[name], "-"])
+                rows.append([str(n), name, "FAILED", failures[name], "-", "-"])
                 check.numbers[f"step_{name.replace(' ', '_')}_n{n}_failed"] = failures[name]
                 continue
             t = times[name]
             ops = "-" if name in compiled else str(kernel_calls(fns[name]))  # launches bound the real batch of 2
-            rows.append([str(n), name, f"{n / t:.1f}", f"{t / times['bn']:.2f}", ops])
+            # the first step's wall time: for the `train.compile` rows, compiling (what they cost the check's 8 minutes)
+            rows.append([str(n), name, f"{n / t:.1f}", f"{t / times['bn']:.2f}", ops, f"{warmups[name]:.1f}"])
             check.numbers[f"step_{name.replace(' ', '_')}_n{n}_over_bn"] = t / times["bn"]
+            check.numbers[f"step_{name.replace(' ', '_')}_n{n}_first_step_s"] = warmups[name]
     text = (f"{shape['arch']} at {shape['resolution']} px, AMP ({amp_dtype}) + channels_last, forward + backward + SGD step "
             f"(targets MABN / BN <= 1.10 at N = 32, <= 1.25 at N = 2; `train.compile` rows: --compile-steps "
             f"{','.join(f'{b}:{m}' for b, m in check.compile_steps) or '(none)'}; time / BN against eager BN):\n\n")
-    return text + markdown_table(["N", "norm", "images/s", "time / BN", "ops"], rows)
+    text += markdown_table(["N", "norm", "images/s", "time / BN", "ops", "first step s"], rows)
+    if warm:
+        text += ("\nCompiled first in child processes while the correctness sections ran (their first step, s; on the "
+                 "device the `first step s` above then loads inductor's caches): "
+                 + ", ".join(f"{key} {r['seconds']:.1f}" if "seconds" in r else f"{key} {r['error']}" for key, r in warm.items())
+                 + "\n")
+    return text
 
 
 def bn_throughput(check: Check) -> str:
@@ -562,10 +629,15 @@ def inference_speed(check: Check) -> str:
     return text + markdown_table(["model", "images/s", "speed / BN", "paper it/s", "paper speed / BN"], rows)
 
 
+LOADER_WORKERS = 16
+
+
 def loader_speed(check: Check) -> str:
     from scripts.bench import bench_loaders
 
-    text, numbers = bench_loaders.run(check.device, quick=check.dry)
+    # the issue's 16 workers (a GPU node feeds each GPU from many cores); the dry run stays at 2 (this machine's cores)
+    workers = 2 if check.dry else min(LOADER_WORKERS, os.cpu_count() or 1)
+    text, numbers = bench_loaders.run(check.device, quick=check.dry, workers=workers)
     check.numbers["loaders"] = numbers
     return text
 
@@ -597,7 +669,11 @@ def main() -> int:
                              f"(N 32 or 2; MODE {', '.join(MODES)}); default 2:reduce-overhead (a norm that fails "
                              "section 7's probe in that mode is timed in the default mode), empty for none")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # KEY:MODE (probe_key), one compile_probe as a JSON line (start_probes's child)
+    parser.add_argument("--warm-compile", help=argparse.SUPPRESS)  # NORM:N:MODE, start_warm_compiles's child
     args = parser.parse_args()
+    if args.warm_compile:
+        print(json.dumps(warm_compile(Check("cpu" if args.dry_run else "cuda:0", args.dry_run, ()), args.warm_compile)))
+        return 0
     if args.probe:
         key, mode = args.probe.split(":")
         norm, _, ghost = key.partition("/b")
@@ -633,6 +709,9 @@ def main() -> int:
     source = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True).stdout.strip()
     if only is None or [fn for _, fn in SECTIONS].index(compiled_phases) + 1 in only:
         start_probes(check)  # they compile beside sections 1-6
+    step_section = [fn for _, fn in SECTIONS].index(step_speed) + 1
+    if only is None or step_section in only and min(only) < step_section:  # something to run beside them
+        start_warm_compiles(check)
     for index, (title, fn) in enumerate(SECTIONS, 1):
         if only is None or index in only:
             check.section(title, lambda fn=fn: fn(check))

@@ -74,7 +74,7 @@ def run(device: str, quick: bool = False, workers: int = 2, rounds: int = 3) -> 
     root, label = dataset_root(ROOT / ".cache" / "bench")
     cfg = OmegaConf.load(ROOT / "configs" / "data" / "imagenet.yaml")
     cfg.merge_with(dict(root=str(root), workers=workers, batch_per_gpu=32, lighting_std=0.0))
-    aug, max_images = Augmentation.from_config(cfg), (160 if quick else 2000)
+    aug, max_images = Augmentation.from_config(cfg), (160 if quick else max(2000, 250 * workers))  # rounds of seconds, not noise
     dali = dali_unavailable_reason() is None
     device_id = int(device.split(":")[1]) if device.startswith("cuda:") else (0 if device == "cuda" else None)
 

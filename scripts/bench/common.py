@@ -16,14 +16,17 @@ def synchronize(device: str) -> None:
 
 
 def compare(candidates: dict[str, Callable[[], None]], device: str, rounds: int = 5, min_run_time: float = 0.3,
-            failures: dict | None = None) -> dict:
+            failures: dict | None = None, warmups: dict | None = None) -> dict:
     """Median seconds per call of each candidate, measured round-robin so that machine noise hits all alike.
 
     With a `failures` dict, a candidate whose warm-up call raises is left out of the timing and its error
-    ("Type: first line") recorded there, so that one broken variant does not cost the others' rows."""
+    ("Type: first line") recorded there, so that one broken variant does not cost the others' rows. A
+    `warmups` dict gets each candidate's warm-up call in seconds (what compiling costs)."""
     for name, fn in list(candidates.items()):  # warm-up (allocator, lazy init, compilation)
         try:
-            fn()
+            seconds = wall(fn, device)
+            if warmups is not None:
+                warmups[name] = seconds
         except Exception as err:  # noqa: BLE001 - reported by the caller
             if failures is None:
                 raise
