@@ -3,7 +3,7 @@
 
   make gpu-check GPU_CHECK_OUT=$OUT          # on the GPU machine (see README "GPU check")
   python scripts/gpu_check.py --out DIR --dry-run   # the same code on CPU at toy sizes (what the test runs)
-  make gpu-check GPU_CHECK_OUT=$OUT ARGS="--only 7,10 --compile-steps 32:reduce-overhead"  # a focused call
+  make gpu-check GPU_CHECK_OUT=$OUT ARGS="--only 7,10 --compile-steps 32:default,2:default"  # a focused call
 
 Writes DIR/gpu_check.md and DIR/gpu_check.json (after every section, so a crash keeps what ran) and prints
 the summary table last. Each section runs on its own: a failure is reported with its traceback and the next
@@ -535,8 +535,8 @@ def step_speed(check: Check) -> str:
     warm = check.numbers.get("warm_compile", {})
     rows = []
     for batch in STEP_BATCHES:
-        # train.compile (torch.compile of the whole model) where --compile-steps asks: about a minute a model
-        # on an H100 machine, so only where it can decide a target (default: the launch-bound real batch of 2).
+        # train.compile (torch.compile of the whole model) where --compile-steps asks (default: both N, since on an
+        # H100 eager steps are bound by the host's launches at N = 32 too); compiled beforehand (start_warm_compiles).
         compiled, failures = {}, {}
         for n_asked, mode in check.compile_steps:
             for norm in ("bn", "mabn") if n_asked == batch else ():
@@ -664,9 +664,9 @@ def main() -> int:
     parser.add_argument("--out", help="folder for gpu_check.md and gpu_check.json (required)")
     parser.add_argument("--dry-run", action="store_true", help="run everything on CPU at toy sizes")
     parser.add_argument("--only", help="comma-separated section numbers (1-based) to run")
-    parser.add_argument("--compile-steps", default="2:reduce-overhead",
+    parser.add_argument("--compile-steps", default="32:reduce-overhead,2:reduce-overhead",
                         help="train.compile rows of the ResNet-50 step table, N:MODE comma-separated "
-                             f"(N 32 or 2; MODE {', '.join(MODES)}); default 2:reduce-overhead (a norm that fails "
+                             f"(N 32 or 2; MODE {', '.join(MODES)}); default both N with CUDA graphs (a norm that fails "
                              "section 7's probe in that mode is timed in the default mode), empty for none")
     parser.add_argument("--probe", help=argparse.SUPPRESS)  # KEY:MODE (probe_key), one compile_probe as a JSON line (start_probes's child)
     parser.add_argument("--warm-compile", help=argparse.SUPPRESS)  # NORM:N:MODE, start_warm_compiles's child
