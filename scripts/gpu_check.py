@@ -491,6 +491,9 @@ def step_fn(check: Check, kwargs: dict, x: torch.Tensor, y: torch.Tensor, mode: 
     return lambda: amp_step(net, opt, scaler, x, y, check.device)
 
 
+WARM_TIMEOUT_S = 300  # the longest wait for one of them once the check needs the host's cores back
+
+
 def start_warm_compiles(check: Check) -> None:
     """Compile each `train.compile` row of the step table once, in a child process of its own, while the correctness
     sections run. Inductor keeps what it compiles in on-disk caches (FX graphs, AOTAutograd, Triton kernels) that the
@@ -517,9 +520,17 @@ def finish_warm_compiles(check: Check) -> None:
     """Wait for `start_warm_compiles`'s children (before anything is timed: they would share the host's cores);
     each one's first-step seconds, or how it ended, in check.numbers["warm_compile"]."""
     for key, child in list(check.warm.items()):
-        stdout, stderr = wait_for(child, timeout=600)
+        try:  # a hung child must not hold the check: its row then compiles in the check's own process
+            stdout, stderr = child.communicate(timeout=WARM_TIMEOUT_S)
+            stopped = False
+        except subprocess.TimeoutExpired:
+            child.kill()
+            stdout, stderr = child.communicate()
+            stopped = True
         del check.warm[key]
-        if child.returncode == 0 and stdout.strip():
+        if stopped:
+            result = dict(error=f"still compiling after {WARM_TIMEOUT_S} s more, stopped")
+        elif child.returncode == 0 and stdout.strip():
             result = json.loads(stdout.strip().splitlines()[-1])
         else:
             tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]

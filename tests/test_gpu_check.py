@@ -62,7 +62,7 @@ def test_a_compile_mode_that_failed_the_probe_is_timed_in_the_default_mode_and_a
     assert float(rows["mabn"][0]) > 0 and float(rows["bn"][0]) > 0
 
 
-def test_the_compiled_rows_are_compiled_beforehand_in_children_and_one_that_crashed_there_is_not_run():
+def test_the_compiled_rows_are_compiled_beforehand_in_children_and_one_that_crashed_there_is_not_run(monkeypatch):
     from scripts import gpu_check
 
     check = gpu_check.Check("cpu", dry=True, compile_steps=((2, "default"),))
@@ -71,14 +71,18 @@ def test_the_compiled_rows_are_compiled_beforehand_in_children_and_one_that_cras
     gpu_check.finish_warm_compiles(check)
     assert not check.warm and all(r["seconds"] > 0 for r in check.numbers["warm_compile"].values())
 
-    # a child killed by a signal while compiling: its row is not run in the check's own process
-    crash = "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"
-    check.warm["mabn:2:default"] = subprocess.Popen([sys.executable, "-c", crash], stdout=subprocess.PIPE,
-                                                    stderr=subprocess.PIPE, text=True)
+    # a child killed by a signal while compiling: its row is not run in the check's own process; a child still
+    # compiling when the wait ends is stopped, and its row compiles in the check's process
+    children = {"mabn:2:default": "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
+                "bn:2:default": "import time; time.sleep(60)"}
+    for key, code in children.items():
+        check.warm[key] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    monkeypatch.setattr(gpu_check, "WARM_TIMEOUT_S", 2)
     gpu_check.finish_warm_compiles(check)
     assert check.numbers["warm_compile"]["mabn:2:default"] == {"crashed": True, "error": "signal 11"}
+    assert check.numbers["warm_compile"]["bn:2:default"] == {"error": "still compiling after 2 s more, stopped"}
     text = gpu_check.step_speed(check)
     rows = {line.split("|")[2].strip(): line.split("|")[3:5] for line in text.splitlines() if line.startswith("| 2 |")}
     assert "not run: the process compiling it beforehand crashed (signal 11)" in rows["mabn train.compile"][1]
     assert float(rows["bn train.compile"][0]) > 0
-    assert "bn:2:default" in text and "mabn:2:default signal 11" in text
+    assert "bn:2:default still compiling" in text and "mabn:2:default signal 11" in text
