@@ -495,12 +495,12 @@ WARM_TIMEOUT_S = 300  # the longest wait for one of them once the check needs th
 
 
 def start_warm_compiles(check: Check) -> None:
-    """Compile each `train.compile` row of the step table once, in a child process of its own, while the correctness
-    sections run. Inductor keeps what it compiles in on-disk caches (FX graphs, AOTAutograd, Triton kernels) that the
-    check's own process then reads, so section 10 pays a cache load instead of a compile (measured through these functions with inductor on a
-    2-core CPU, a narrow ResNet-18: first step 32 s cold, 10 s warm for BN, 45 s and 15 s for MABN on torch 2.11; 26 s
-    and 1.3 s, 36 s and 8 s on 2.14). A child killed by a signal is also a
-    warning: the same model would take the check down with it, so section 10 leaves that row out."""
+    """Compile each `train.compile` row of the step table once, in a child process of its own, while the
+    correctness sections run. Inductor keeps what it compiles in on-disk caches (FX graphs, AOTAutograd, Triton
+    kernels) that the check's own process then reads, so section 10 pays a cache load instead of a compile.
+    Measured through these functions with inductor on a 2-core CPU (a narrow ResNet-18, first step cold / warm):
+    BN 32 / 10 s, MABN 45 / 15 s on torch 2.11; 26 / 1.3 s and 36 / 8 s on 2.14. A child killed by a signal is
+    also a warning: the same model would take the check down with it, so section 10 leaves that row out."""
     for batch, mode in check.compile_steps:
         for norm in ("bn", "mabn"):
             key = f"{norm}:{batch}:{mode}"
