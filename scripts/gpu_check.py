@@ -339,6 +339,13 @@ def probe_mode(check: Check) -> str:
     return "default" if check.dry else "reduce-overhead"
 
 
+def compile_child_env(children: int) -> dict:
+    """The environment of one of `children` compiling child processes: inductor starts a pool of compile workers
+    per process, one a core by default, so that 8 children on a 16-core machine would start 128; each gets its
+    share of the cores instead."""
+    return {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // children))}
+
+
 def start_probes(check: Check) -> None:
     """Start `compile_probe` for each norm in a child process of its own, and the compile tests, now: they
     run while the correctness sections run (none of them is timed), and a crash there (CUDA graphs have segfaulted on
@@ -348,7 +355,8 @@ def start_probes(check: Check) -> None:
         cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--probe", f"{key}:{probe_mode(check)}"]
         if check.dry:
             cmd.append("--dry-run")
-        check.probes[key] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        check.probes[key] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                             env=compile_child_env(8))  # small nets: a few kernels each
     # The CPU tests of train.compile (every norm, graphs per phase, losses as eager's; DDP and SyncBN on two processes)
     # on this machine's torch, which is not the one CI runs: torch 2.11 got the gradients of the layers' group
     # path and of SyncBN's collective wrong there. The dry run starts a quick one, to show that it runs.
@@ -501,12 +509,11 @@ def start_warm_compiles(check: Check) -> None:
     Measured through these functions with inductor on a 2-core CPU (a narrow ResNet-18, first step cold / warm):
     BN 32 / 10 s, MABN 45 / 15 s on torch 2.11; 26 / 1.3 s and 36 / 8 s on 2.14. A child killed by a signal is
     also a warning: the same model would take the check down with it, so section 10 leaves that row out."""
-    for batch, mode in check.compile_steps:
-        for norm in ("bn", "mabn"):
-            key = f"{norm}:{batch}:{mode}"
-            cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--warm-compile", key]
-            check.warm[key] = subprocess.Popen(cmd + (["--dry-run"] if check.dry else []), cwd=ROOT,
-                                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    keys = [f"{norm}:{batch}:{mode}" for batch, mode in check.compile_steps for norm in ("bn", "mabn")]
+    for key in keys:
+        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--warm-compile", key]
+        check.warm[key] = subprocess.Popen(cmd + (["--dry-run"] if check.dry else []), cwd=ROOT, env=compile_child_env(len(keys)),
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def warm_compile(check: Check, key: str) -> dict:

@@ -86,3 +86,13 @@ def test_the_compiled_rows_are_compiled_beforehand_in_children_and_one_that_cras
     assert "not run: the process compiling it beforehand crashed (signal 11)" in rows["mabn train.compile"][1]
     assert float(rows["bn train.compile"][0]) > 0
     assert "bn:2:default still compiling" in text and "mabn:2:default signal 11" in text
+
+
+def test_compiling_children_share_the_cores_between_their_inductor_worker_pools():
+    import os
+
+    from scripts import gpu_check
+
+    read = "import torch._inductor.config as c; print(c.compile_threads)"
+    done = subprocess.run([sys.executable, "-c", read], env=gpu_check.compile_child_env(4), capture_output=True, text=True)
+    assert int(done.stdout.split()[-1]) == max(1, os.cpu_count() // 4)
