@@ -130,6 +130,13 @@ def wait_for(child: subprocess.Popen, timeout: float) -> tuple[str, str]:
         return child.communicate()
 
 
+def how_it_ended(child: subprocess.Popen, stderr: str) -> dict:
+    """A failed child: `crashed` when a signal killed it (it would have killed the check too), and `error`."""
+    tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
+    why = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}: {tail[0][:200]}"
+    return dict(crashed=child.returncode < 0, error=why)
+
+
 def finish_pytest(check: Check, name: str, child: subprocess.Popen) -> str:
     """Wait for `start_pytest`'s child; its tail as markdown, raising when it failed."""
     stdout, stderr = wait_for(child, timeout=300)
@@ -369,9 +376,7 @@ def finish_probe(check: Check, key: str) -> dict:
     stdout, stderr = wait_for(child, timeout=600)
     notes = sorted({line.strip()[:160] for line in stderr.splitlines() if "cudagraph" in line.lower()})
     if child.returncode != 0 or not stdout.strip():
-        tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-        why = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}: {tail[0][:200]}"
-        return dict(crashed=child.returncode < 0, error=why, notes=notes)
+        return dict(how_it_ended(child, stderr), notes=notes)
     return dict(json.loads(stdout.strip().splitlines()[-1]), notes=notes)
 
 
@@ -540,9 +545,7 @@ def finish_warm_compiles(check: Check) -> None:
         elif child.returncode == 0 and stdout.strip():
             result = json.loads(stdout.strip().splitlines()[-1])
         else:
-            tail = [line for line in stderr.strip().splitlines() if line.strip()][-1:] or ["(no output)"]
-            why = f"signal {-child.returncode}" if child.returncode < 0 else f"exit {child.returncode}: {tail[0][:200]}"
-            result = dict(crashed=child.returncode < 0, error=why)
+            result = how_it_ended(child, stderr)
         check.numbers.setdefault("warm_compile", {})[key] = result
 
 
