@@ -36,6 +36,7 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.bench
@@ -423,35 +424,148 @@ def compiled_phases(check: Check) -> str:
 
 
 # -- syncs ------------------------------------------------------------------------------------------
+# Why each device-to-host sync left in the trainer's step stays, by the function that makes it (the innermost of its
+# stack that is named here); engine.train_one_epoch's docstring lists the same. Any other sync fails section 8.
+SYNC_REASONS = {
+    "agree": "per micro-batch: the loss must be known finite before backward (MABN's backward would write NaN "
+             "into its Psi ring); the stop/checkpoint flags share this one read",
+    "_maybe_opt_step": "per optimizer step, float16 AMP: GradScaler reads its inf flag to skip an overflowed step",
+    "push": "CPU only (no device there): LatestLoss reads the loss directly",
+    "epoch_loss": "once an epoch, at its end: the epoch's mean loss (a collective)",
+    "synchronize": "once an epoch, at its end: the epoch's wall time for its throughput",
+    "set_sync_debug_mode": "made outside any Python call (autograd's backward thread), so reported when the mode is "
+                           "switched off: see the bare step's table for the norm that makes it",
+}
+EPOCH_END = {"epoch_loss", "synchronize"}  # in train_one_epoch after its last step: not counted as a step's
+
+
+class EmulatedSyncs(TorchDispatchMode):
+    """On CPU, where `torch.cuda.set_sync_debug_mode` reports nothing: warn as it would at each host read
+    (`.item()`, `bool(tensor)`, `.tolist()`), so that the dry run runs the same capture and classification."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ == "_local_scalar_dense":
+            warnings.warn("called a synchronizing CUDA operation (emulated on CPU: a host read)", stacklevel=2)
+        return func(*args, **(kwargs or {}))
+
+
+def capture_syncs(device: str, fn) -> list[list[traceback.FrameSummary]]:
+    """The Python stack of every device-to-host sync `fn()` makes (sync debug mode's warnings on CUDA)."""
+    stacks = []
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):
+            stacks.append(traceback.extract_stack()[:-1])
+
+    with warnings.catch_warnings():  # restores showwarning on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = show
+        if device.startswith("cuda"):
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        else:
+            with EmulatedSyncs():
+                fn()
+    return stacks
+
+
+def sync_site(stack: list[traceback.FrameSummary]) -> tuple[str, str]:
+    """(where: file:function:line of the innermost frame, the reason's key or "" when none is known)."""
+    machinery = ("warnings.py", "_python_dispatch.py", "eval_frame.py", "_compile.py")  # warnings, dynamo's wrappers
+    frames = [f for f in stack if not f.filename.endswith(machinery) and f.name != "__torch_dispatch__"]  # (EmulatedSyncs)
+    inner = frames[-1]
+    key = next((f.name for f in reversed(frames) if f.name in SYNC_REASONS), "")
+    return f"{pathlib.Path(inner.filename).name}:{inner.name}:{inner.lineno}", key
+
+
+def trainer_job(check: Check, out: pathlib.Path):
+    """The trainer's Job (`mabn.train.Job`) on a generated dataset: MABN ResNet-50 with ghost batches of 2,
+    AMP + channels_last, progress bar and TensorBoard scalars every step (the dry run: a toy ResNet-18)."""
+    from hydra import compose, initialize_config_dir
+
+    from mabn.data.shapes import generate
+    from mabn.distributed import DistInfo
+    from mabn.train import CONFIG_DIR, Job
+
+    root = generate(ROOT / ".cache" / "gpu_check" / "shapes64", train_per_class=40, val_per_class=2, size=64, progress=False)
+    model = ["model.width=8", "model.stem=small"] if check.dry else ["model=resnet50"]
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            f"data.root={root}", "data.generate=null", "data.workers=2", f"data.batch_per_gpu={8 if check.dry else 32}",
+            "data.crop_size=56", "data.val_resize=64", *model, "norm=mabn", "norm.norm_batch=2",
+            "norm.options.warmup=2", "norm.options.window=2", "norm.options.renorm_start=3",
+            "train.amp=true", "train.channels_last=true", f"train.device={check.device}", "train.progress=true",
+            "train.log_every=1"])
+    torch.manual_seed(0)
+    job = Job(cfg, DistInfo(device=check.device), out)
+    return job
+
+
+TRAINER_WARM, TRAINER_MEASURED = 6, 3  # optimizer steps: past MABN's phases (r from step 3), then measured
+
+
+def trainer_syncs(check: Check) -> tuple[str, list]:
+    """The trainer's own loop (`engine.train_one_epoch`) for TRAINER_MEASURED steady steps under sync capture."""
+    import tempfile
+
+    from mabn.engine import Progress, StopSignal, train_one_epoch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        job, progress = trainer_job(check, pathlib.Path(tmp)), Progress()
+        job.open_logs(progress)
+        job.steps_per_epoch = TRAINER_WARM  # where the epoch ends; the next call goes on from there
+        train_one_epoch(job, progress, StopSignal())
+        job.steps_per_epoch = TRAINER_WARM + TRAINER_MEASURED
+        stacks = capture_syncs(check.device, lambda: train_one_epoch(job, progress, StopSignal()))
+        job.writer.close()
+    counts: dict[tuple[str, str], int] = {}
+    for stack in stacks:
+        counts[sync_site(stack)] = counts.get(sync_site(stack), 0) + 1
+    rows = [[where, f"{n} (epoch end)" if key in EPOCH_END else f"{n / TRAINER_MEASURED:.2f}", SYNC_REASONS.get(key, "UNEXPLAINED")]
+            for (where, key), n in sorted(counts.items())]
+    return markdown_table(["where (file:function:line)", "syncs a step", "why it stays"], rows), rows
+
+
 def host_syncs(check: Check) -> str:
-    """Device-to-host syncs of one steady-state training step (forward, backward, SGD step) per norm."""
-    if not check.device.startswith("cuda"):
-        return "No CUDA device: `torch.cuda.set_sync_debug_mode` only reports on CUDA.\n"
+    """Device-to-host syncs of one steady-state step: a bare step per norm (the model and optimizer alone), and
+    the trainer's own step (finiteness check, stop/checkpoint flags, GradScaler, progress bar, TensorBoard)."""
+    cuda = check.device.startswith("cuda")
     shape = resnet_shape(check)
     x = torch.randn(shape["batch"], 3, shape["resolution"], shape["resolution"], device=check.device)
     y = torch.randint(0, 1000, (shape["batch"],), device=check.device)
     rows = []
     for norm, kwargs in (("bn", {}), ("brn", {"norm_batch": 2}), ("mabn", {"norm_batch": 2, "warmup": 2, "window": 2})):
         torch.manual_seed(0)
-        net = build_model(shape["arch"], norm=norm, num_classes=1000, **kwargs).to(check.device).train()
+        net = build_model(shape["arch"], norm=norm, num_classes=1000, width=shape["width"], stem=shape["stem"], **kwargs)
+        net = net.to(check.device).train()
         opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        for _ in range(4):  # past MABN's warmup, host counters cached
+
+        def step():
+            opt.zero_grad()
             F.cross_entropy(net(x), y).backward()
             opt.step()
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                opt.zero_grad()
-                F.cross_entropy(net(x), y).backward()
-                opt.step()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-        places = sorted({f"{pathlib.Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)})
-        rows.append([norm, str(len([w for w in caught if "synchroniz" in str(w.message)])), ", ".join(places) or "-"])
+
+        for _ in range(4):  # past MABN's warmup, host counters cached
+            step()
+        check.sync()
+        stacks = capture_syncs(check.device, step)
+        places = sorted({sync_site(stack)[0] for stack in stacks})
+        rows.append([norm, str(len(stacks)), ", ".join(places) or "-"])
     check.numbers["syncs"] = {r[0]: int(r[1]) for r in rows}
-    return markdown_table(["norm", "syncs in one step", "where"], rows)
+    text = ("" if cuda else "No CUDA device: host reads (`.item()`, `bool(tensor)`) stand in for the syncs that "
+            "`torch.cuda.set_sync_debug_mode` reports on CUDA.\n\n")
+    text += "A bare step (forward, backward, SGD), per norm:\n\n"
+    text += markdown_table(["norm", "syncs in one step", "where"], rows)
+    table, trainer_rows = trainer_syncs(check)
+    check.numbers["trainer_syncs"] = {r[0]: r[1] for r in trainer_rows}
+    text += (f"\nThe trainer's step (`engine.train_one_epoch`: MABN, ghost batches of 2, AMP + channels_last, progress "
+             f"bar, TensorBoard every step), {TRAINER_MEASURED} steady steps after {TRAINER_WARM}:\n\n{table}")
+    unexplained = [r[0] for r in trainer_rows if r[2] == "UNEXPLAINED"]
+    assert not unexplained, f"syncs without a known reason in the trainer's step: {', '.join(unexplained)}\n\n{text}"
+    return text
 
 
 # -- speed ------------------------------------------------------------------------------------------

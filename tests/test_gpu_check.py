@@ -96,3 +96,25 @@ def test_compiling_children_share_the_cores_between_their_inductor_worker_pools(
     read = "import torch._inductor.config as c; print(c.compile_threads)"
     done = subprocess.run([sys.executable, "-c", read], env=gpu_check.compile_child_env(4), capture_output=True, text=True)
     assert int(done.stdout.split()[-1]) == max(1, os.cpu_count() // 4)
+
+
+def test_the_sync_section_names_the_trainers_syncs_and_fails_on_one_without_a_reason(monkeypatch):
+    import pytest
+
+    from mabn import engine
+    from scripts import gpu_check
+
+    check = gpu_check.Check("cpu", dry=True, compile_steps=())
+    text = gpu_check.host_syncs(check)
+    assert "engine.py:agree" in text and check.numbers["trainer_syncs"]
+    assert "UNEXPLAINED" not in text
+
+    read = engine.LatestLoss.read
+
+    def read_and_wait(self):  # a progress bar that reads the device every step: what section 8 exists to catch
+        torch.zeros(()).item()
+        return read(self)
+
+    monkeypatch.setattr(engine.LatestLoss, "read", read_and_wait)
+    with pytest.raises(AssertionError, match="without a known reason in the trainer's step: test_gpu_check.py:read_and_wait"):
+        gpu_check.host_syncs(check)
