@@ -52,8 +52,9 @@ def _train_steps_worker(rank, world, root, out, norm):
     job = _job(root, out / f"rank{rank}", rank, world, norm)
     progress, records = Progress(), []
     for steps in (1, 2, 3):
-        job.cfg.train.max_batches_per_epoch = steps
+        job.steps_per_epoch = steps  # where the epoch ends (read by train_one_epoch); each call goes on by one step
         train_one_epoch(job, progress, StopSignal())
+        assert progress.step == steps
         params = [p.detach().clone() for p in job.net.parameters()]
         buffers = {k: v.clone() for k, v in running_stat_buffers(job.net).items()}
         gathered = [None] * world
