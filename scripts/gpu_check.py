@@ -15,7 +15,8 @@ channels_last whose loss falls, a save-at-15 / reload resume that repeats steps 
 `train.compile` with CUDA graphs through MABN's phases against eager, in child processes that compile
 while the sections before run; the step table's compiled models are compiled beforehand the same way,
 so that section 10 reads inductor's caches);
-the device-to-host syncs left in a steady-state step; speed side by side (norm layers vs cuDNN BN,
+the device-to-host syncs left in a steady-state step (a bare step per norm, and the trainer's own step with
+each sync's reason); speed side by side (norm layers vs cuDNN BN,
 ResNet-50 training steps at N = 32 and 2 per norm, BN at batch 256 against NVIDIA's published
 A100 number, inference as the paper's throughput table, the input pipelines).
 """
