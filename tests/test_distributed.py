@@ -3,6 +3,7 @@ import json
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -28,7 +29,17 @@ def _worker(rank, world, port, fn, args):
 
 
 def run_ranks(fn, *args, world=2):
-    mp.start_processes(_worker, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
+    """`fn(rank, world, *args)` on `world` gloo processes. A rank killed by a signal is run once more (all ranks,
+    afresh): CI saw one compiled-SyncBN rank abort with "terminate called without an active exception" (a C++
+    thread in torch's teardown; not reproduced in 40 runs here). A rank that raises, e.g. an assertion, fails at once."""
+    for attempt in (1, 2):
+        try:
+            mp.start_processes(_worker, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
+            return
+        except mp.ProcessExitedException as err:
+            if attempt == 2 or err.signal_name is None:
+                raise
+            warnings.warn(f"{err}; running the ranks once more")
 
 
 def _job(root, out, rank, world, norm):
