@@ -30,8 +30,8 @@ def _worker(rank, world, port, fn, args):
 
 def run_ranks(fn, *args, world=2):
     """`fn(rank, world, *args)` on `world` gloo processes. A rank killed by a signal is run once more (all ranks,
-    afresh): CI saw one compiled-SyncBN rank abort with "terminate called without an active exception" (a C++
-    thread in torch's teardown; not reproduced in 40 runs here). A rank that raises, e.g. an assertion, fails at once."""
+    afresh): CI saw one compiled-SyncBN rank abort with "terminate called without an active exception" (std::terminate
+    from a C++ thread inside torch, where unknown; not reproduced in 40 runs here, 24 of them 3 at a time). A rank that raises, e.g. an assertion, fails at once."""
     for attempt in (1, 2):
         try:
             mp.start_processes(_worker, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
