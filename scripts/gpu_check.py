@@ -21,6 +21,7 @@ ResNet-50 training steps at N = 32 and 2 per norm, BN at batch 256 against NVIDI
 A100 number, inference as the paper's throughput table, the input pipelines).
 """
 import argparse
+import collections
 import copy
 import datetime
 import io
@@ -123,13 +124,34 @@ def start_pytest(files: list, selection: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(child: subprocess.Popen, timeout: float) -> tuple[str, str]:
-    """The child's (stdout, stderr) once it exits, killing it after `timeout` seconds."""
+def wait_for(child: subprocess.Popen, timeout: float) -> tuple[str, str, bool]:
+    """The child's (stdout, stderr, whether it was stopped) once it exits, killing it after `timeout` seconds."""
     try:
-        return child.communicate(timeout=timeout)
+        return *child.communicate(timeout=timeout), False
     except subprocess.TimeoutExpired:
         child.kill()
-        return child.communicate()
+        return *child.communicate(), True
+
+
+def compile_child_env(children: int) -> dict:
+    """The environment of one of `children` compiling child processes: inductor starts a pool of compile workers
+    per process, one a core by default, so that 8 children on a 16-core machine would start 128; each gets its
+    share of the cores instead."""
+    return {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // children))}
+
+
+def start_child(check: Check, *args: str, children: int) -> subprocess.Popen:
+    """This script in a child process (`--probe`, `--warm-compile`), one of `children` compiling at once."""
+    cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *args] + (["--dry-run"] if check.dry else [])
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=compile_child_env(children))
+
+
+def child_result(child: subprocess.Popen, stdout: str, stderr: str) -> dict:
+    """The JSON line a `start_child` child printed last, or `how_it_ended` when it failed."""
+    if child.returncode != 0 or not stdout.strip():
+        return how_it_ended(child, stderr)
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def how_it_ended(child: subprocess.Popen, stderr: str) -> dict:
@@ -141,7 +163,7 @@ def how_it_ended(child: subprocess.Popen, stderr: str) -> dict:
 
 def finish_pytest(check: Check, name: str, child: subprocess.Popen) -> str:
     """Wait for `start_pytest`'s child; its tail as markdown, raising when it failed."""
-    stdout, stderr = wait_for(child, timeout=300)
+    stdout, stderr, _ = wait_for(child, timeout=300)  # stopped: killed, a failure below
     tail = "\n".join(stdout.strip().splitlines()[-15:])
     check.numbers[name] = tail.splitlines()[-1] if tail else ""
     if child.returncode != 0:
@@ -348,24 +370,14 @@ def probe_mode(check: Check) -> str:
     return "default" if check.dry else "reduce-overhead"
 
 
-def compile_child_env(children: int) -> dict:
-    """The environment of one of `children` compiling child processes: inductor starts a pool of compile workers
-    per process, one a core by default, so that 8 children on a 16-core machine would start 128; each gets its
-    share of the cores instead."""
-    return {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": str(max(1, (os.cpu_count() or 1) // children))}
-
-
 def start_probes(check: Check) -> None:
     """Start `compile_probe` for each norm in a child process of its own, and the compile tests, now: they
     run while the correctness sections run (none of them is timed), and a crash there (CUDA graphs have segfaulted on
     buffers fed back, pytorch/pytorch#192748) becomes a row of the report instead of the end of the check."""
     for norm, norm_batch in PROBES:
         key = probe_key(norm, norm_batch)
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--probe", f"{key}:{probe_mode(check)}"]
-        if check.dry:
-            cmd.append("--dry-run")
-        check.probes[key] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                             env=compile_child_env(8))  # small nets: a few kernels each
+        # children=8: small nets, a few kernels each, beside section 10's compiles (start_warm_compiles)
+        check.probes[key] = start_child(check, "--probe", f"{key}:{probe_mode(check)}", children=8)
     # The CPU tests of train.compile (every norm, graphs per phase, losses as eager's; DDP and SyncBN on two processes)
     # on this machine's torch, which is not the one CI runs: torch 2.11 got the gradients of the layers' group
     # path and of SyncBN's collective wrong there. The dry run starts a quick one, to show that it runs.
@@ -375,11 +387,9 @@ def start_probes(check: Check) -> None:
 
 def finish_probe(check: Check, key: str) -> dict:
     child = check.probes.pop(key)
-    stdout, stderr = wait_for(child, timeout=600)
+    stdout, stderr, _ = wait_for(child, timeout=600)  # a tiny net still compiling then hangs: killed, a crash below
     notes = sorted({line.strip()[:160] for line in stderr.splitlines() if "cudagraph" in line.lower()})
-    if child.returncode != 0 or not stdout.strip():
-        return dict(how_it_ended(child, stderr), notes=notes)
-    return dict(json.loads(stdout.strip().splitlines()[-1]), notes=notes)
+    return dict(child_result(child, stdout, stderr), notes=notes)
 
 
 def compiled_phases(check: Check) -> str:
@@ -426,7 +436,8 @@ def compiled_phases(check: Check) -> str:
 
 # -- syncs ------------------------------------------------------------------------------------------
 # Why each device-to-host sync left in the trainer's step stays, by the function that makes it (the innermost of its
-# stack that is named here); engine.train_one_epoch's docstring lists the same. Any other sync fails section 8.
+# stack that is named here); engine.train_one_epoch's docstring lists the same. Any other sync in the trainer's step
+# fails section 8.
 SYNC_REASONS = {
     "agree": "per micro-batch: the loss must be known finite before backward (MABN's backward would write NaN "
              "into its Psi ring); the stop/checkpoint flags share this one read",
@@ -501,8 +512,7 @@ def trainer_job(check: Check, out: pathlib.Path):
             "train.amp=true", "train.channels_last=true", f"train.device={check.device}", "train.progress=true",
             "train.log_every=1"])
     torch.manual_seed(0)
-    job = Job(cfg, DistInfo(device=check.device), out)
-    return job
+    return Job(cfg, DistInfo(device=check.device), out)
 
 
 TRAINER_WARM, TRAINER_MEASURED = 6, 3  # optimizer steps: past MABN's phases (r from step 3), then measured
@@ -522,9 +532,7 @@ def trainer_syncs(check: Check) -> tuple[str, list]:
         job.steps_per_epoch = TRAINER_WARM + TRAINER_MEASURED
         stacks = capture_syncs(check.device, lambda: train_one_epoch(job, progress, StopSignal()))
         job.writer.close()
-    counts: dict[tuple[str, str], int] = {}
-    for stack in stacks:
-        counts[sync_site(stack)] = counts.get(sync_site(stack), 0) + 1
+    counts = collections.Counter(sync_site(stack) for stack in stacks)
     rows = [[where, f"{n} (epoch end)" if key in EPOCH_END else f"{n / TRAINER_MEASURED:.2f}", SYNC_REASONS.get(key, "UNEXPLAINED")]
             for (where, key), n in sorted(counts.items())]
     return markdown_table(["where (file:function:line)", "syncs a step", "why it stays"], rows), rows
@@ -631,9 +639,7 @@ def start_warm_compiles(check: Check) -> None:
     also a warning: the same model would take the check down with it, so section 10 leaves that row out."""
     keys = [f"{norm}:{batch}:{mode}" for batch, mode in check.compile_steps for norm in ("bn", "mabn")]
     for key in keys:
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--warm-compile", key]
-        check.warm[key] = subprocess.Popen(cmd + (["--dry-run"] if check.dry else []), cwd=ROOT, env=compile_child_env(len(keys)),
-                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        check.warm[key] = start_child(check, "--warm-compile", key, children=len(keys))
 
 
 def warm_compile(check: Check, key: str) -> dict:
@@ -647,20 +653,11 @@ def finish_warm_compiles(check: Check) -> None:
     """Wait for `start_warm_compiles`'s children (before anything is timed: they would share the host's cores);
     each one's first-step seconds, or how it ended, in check.numbers["warm_compile"]."""
     for key, child in list(check.warm.items()):
-        try:  # a hung child must not hold the check: its row then compiles in the check's own process
-            stdout, stderr = child.communicate(timeout=WARM_TIMEOUT_S)
-            stopped = False
-        except subprocess.TimeoutExpired:
-            child.kill()
-            stdout, stderr = child.communicate()
-            stopped = True
+        # a hung child must not hold the check: stopped, not a crash, its row compiles in the check's own process
+        stdout, stderr, stopped = wait_for(child, timeout=WARM_TIMEOUT_S)
         del check.warm[key]
-        if stopped:
-            result = dict(error=f"still compiling after {WARM_TIMEOUT_S} s more, stopped")
-        elif child.returncode == 0 and stdout.strip():
-            result = json.loads(stdout.strip().splitlines()[-1])
-        else:
-            result = how_it_ended(child, stderr)
+        result = (dict(error=f"still compiling after {WARM_TIMEOUT_S} s more, stopped") if stopped
+                  else child_result(child, stdout, stderr))
         check.numbers.setdefault("warm_compile", {})[key] = result
 
 
@@ -843,9 +840,10 @@ def main() -> int:
     check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run, compile_steps)
     started = time.time()
     source = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True).stdout.strip()
-    if only is None or [fn for _, fn in SECTIONS].index(compiled_phases) + 1 in only:
+    section_of = {fn: index for index, (_, fn) in enumerate(SECTIONS, 1)}
+    if only is None or section_of[compiled_phases] in only:
         start_probes(check)  # they compile beside sections 1-6
-    step_section = [fn for _, fn in SECTIONS].index(step_speed) + 1
+    step_section = section_of[step_speed]
     if only is None or step_section in only and min(only) < step_section:  # something to run beside them
         start_warm_compiles(check)
     for index, (title, fn) in enumerate(SECTIONS, 1):
