@@ -30,8 +30,9 @@ def _worker(rank, world, port, fn, args):
 
 def run_ranks(fn, *args, world=2):
     """`fn(rank, world, *args)` on `world` gloo processes. A rank killed by a signal is run once more (all ranks,
-    afresh): CI saw one compiled-SyncBN rank abort with "terminate called without an active exception" (std::terminate
-    from a C++ thread inside torch, where unknown; not reproduced in 40 runs here, 24 of them 3 at a time). A rank that raises, e.g. an assertion, fails at once."""
+    afresh): CI saw one compiled-SyncBN rank abort with "terminate called without an active exception"
+    (std::terminate from a C++ thread inside torch, where unknown; not reproduced in 40 runs here, 24 of them
+    3 at a time). A rank that raises, e.g. an assertion, fails at once."""
     for attempt in (1, 2):
         try:
             mp.start_processes(_worker, args=(world, free_port(), fn, args), nprocs=world, start_method="spawn")
@@ -141,6 +142,8 @@ def _syncbn_worker(rank, world, out, compiled):
     from mabn.compile import compile_model
     from mabn.norms import build_norm
 
+    from .test_compile import BACKEND
+
     torch.manual_seed(0)
     x = torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1
     dy = torch.randn_like(x)
@@ -151,7 +154,7 @@ def _syncbn_worker(rank, world, out, compiled):
     part = x[2 * rank : 2 * rank + 2].clone().requires_grad_(True)
     # compiled: AOTAutograd with inductor's decompositions (tests/test_compile.py); the collective is
     # traced into the graph. torch 2.11 gave wrong gradients there (pytorch/pytorch#180642, norms/syncbn.py)
-    y = (compile_model(layer, backend="aot_eager_decomp_partition") if compiled else layer)(part)
+    y = (compile_model(layer, backend=BACKEND) if compiled else layer)(part)
     y.backward(dy[2 * rank : 2 * rank + 2])
     grads = torch.stack([layer.weight.grad, layer.bias.grad])
     dist.all_reduce(grads)
