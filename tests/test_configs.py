@@ -174,6 +174,8 @@ BAD_VALUES = {  # override -> what the one error line must say
     "train.max_batches_per_epoch=0": "train.max_batches_per_epoch=0 is not valid",
     "stats.every=0": "stats.every=0 is not valid",
     "output_root='~/runs'": "output_root='~/runs' is not valid; valid: a path without ~",  # as the shell passes it quoted
+    "tag=e1": "tag='e1' is not valid; valid: \"\" or a run-name suffix starting with \"-\"",
+    "tag=-a/b": "tag='-a/b' is not valid",
 }
 
 

@@ -1,5 +1,6 @@
 """Config invariants checked before any work, and the translation of config groups into builder arguments."""
 import pathlib
+import re
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -10,6 +11,7 @@ from .norms import BATCH_STAT_NORMS
 from .norms._groups import is_int, is_number
 from .optim import POLICIES, warmup_steps
 
+TAG = re.compile(r"-[A-Za-z0-9._=+-]*")  # a suffix of the run dir's name: no path separators or spaces
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
 
 
@@ -130,6 +132,10 @@ def check_train(cfg: DictConfig) -> None:
                  "a list of this config's settings as dotted keys, e.g. [schedule.epochs]")
     root = str(cfg.get("output_root", "outputs"))
     _require("output_root", root, not root.startswith("~"), "a path without ~ (Hydra does not expand it): use $HOME/...")
+    tag = cfg.get("tag", "")
+    # The run name is <...>-n<batch_per_gpu><tag>-s<seed>: without its dash a tag runs into the batch ("n32e1").
+    _require("tag", tag, isinstance(tag, str) and (tag == "" or TAG.fullmatch(tag) is not None),
+             '"" or a run-name suffix starting with "-", of letters, digits and . _ - = + (e.g. tag=-e1)')
 
 
 def sgd_batch(cfg: DictConfig, world_size: int) -> int:
