@@ -179,6 +179,13 @@ BAD_VALUES = {  # override -> what the one error line must say
 }
 
 
+@pytest.mark.parametrize("tag, run_name_end", [("-e1", "n32-e1-s0"), ("-2", "n32-2-s0"), ("", "n32-s0")])
+def test_a_tag_with_its_dash_passes_and_ends_the_run_name(tag, run_name_end):
+    cfg = _compose([f"tag={tag}"])  # Hydra reads tag=-2 as a number: its text is the suffix all the same
+    validate(cfg)
+    assert cfg.run_name.endswith(run_name_end)
+
+
 @pytest.mark.parametrize("overrides", list(BAD_VALUES))
 def test_every_bad_value_is_one_config_error_before_anything_is_built(overrides):
     from mabn.config import ConfigError

@@ -134,7 +134,8 @@ def check_train(cfg: DictConfig) -> None:
     _require("output_root", root, not root.startswith("~"), "a path without ~ (Hydra does not expand it): use $HOME/...")
     tag = cfg.get("tag", "")
     # The run name is <...>-n<batch_per_gpu><tag>-s<seed>: without its dash a tag runs into the batch ("n32e1").
-    _require("tag", tag, isinstance(tag, str) and (tag == "" or TAG.fullmatch(tag) is not None),
+    # Its text is what counts: Hydra reads tag=-2 as the number -2, which names the run "...-n32-2-s0" as meant.
+    _require("tag", tag, tag == "" or (tag is not None and TAG.fullmatch(str(tag)) is not None),
              '"" or a run-name suffix starting with "-", of letters, digits and . _ - = + (e.g. tag=-e1)')
 
 
