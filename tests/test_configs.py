@@ -5,7 +5,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mabn.config import model_kwargs, validate
+from mabn.config import FLAGS, model_kwargs, validate
 from mabn.models import build_model
 
 from .conftest import ROOT
@@ -176,6 +176,16 @@ BAD_VALUES = {  # override -> what the one error line must say
     "output_root='~/runs'": "output_root='~/runs' is not valid; valid: a path without ~",  # as the shell passes it quoted
     "tag=e1": "tag='e1' is not valid; valid: \"\" or a run-name suffix starting with \"-\"",
     "tag=-a/b": "tag='-a/b' is not valid",
+    "seed=1.5": "seed=1.5 is not valid; valid: an integer >= 0",
+    "seed=-1": "seed=-1 is not valid",
+    "schedule.epochs=0": "schedule.epochs=0 is not valid; valid: a positive integer",
+    "train.total_batch=0": "train.total_batch=0 is not valid; valid: null or a positive integer",
+    "train.label_smoothing=2": "train.label_smoothing=2 is not valid; valid: a number in [0, 1]",
+    "stats.enabled=true stats.channel=-1": "stats.channel=-1 is not valid",
+    "stats.enabled=true stats.channel=16": "stats.channel=16 is not valid; valid: an integer in [0, 15]",
+    "stats.enabled=true stats.layers=[nope]": "stats.layers ['nope'] are not norm layers of the model",
+    **{f"{key}=yes": f"{key}='yes' is not valid; valid: true or false" for key in FLAGS},  # "yes" is truthy
+    "optim.nesterov=3": "optim.nesterov=3 is not valid; valid: true or false",
 }
 
 

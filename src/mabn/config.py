@@ -12,6 +12,8 @@ from .norms._groups import is_int, is_number
 from .optim import POLICIES, warmup_steps
 
 TAG = re.compile(r"-[A-Za-z0-9._=+-]*")  # a suffix of the run dir's name: no path separators or spaces
+FLAGS = ("train.amp", "train.channels_last", "train.deterministic", "train.compile", "train.progress", "stats.enabled",
+         "optim.nesterov", "optim.decay_norm_and_bias", "data.flip")  # settings that must be true or false
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
 
 
@@ -39,6 +41,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if not isinstance(accum, int) or accum <= 0:
         raise ConfigError(f"train.grad_accum={accum!r} must be a positive integer")
     total = cfg.train.get("total_batch")
+    _require("train.total_batch", total, total is None or (is_int(total) and total > 0), "null or a positive integer")
     if total is not None and total != n * world_size * accum:
         fits = total % (n * world_size) == 0
         hint = f"train.grad_accum={total // (n * world_size)} gives it on {world_size} processes" if fits else "change one of them"
@@ -46,14 +49,18 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"train.total_batch={total} but data.batch_per_gpu={n} x {world_size} processes x "
             f"train.grad_accum={accum} = {n * world_size * accum}; {hint}"
         )
+    epochs = cfg.schedule.epochs
+    _require("schedule.epochs", epochs, is_int(epochs) and epochs > 0, "a positive integer")
+    _require("seed", cfg.seed, is_int(cfg.seed) and cfg.seed >= 0, "an integer >= 0")
+    for key in FLAGS:
+        # A string such as "yes" or "no" is truthy: unchecked, it would switch the feature on.
+        _require(key, OmegaConf.select(cfg, key), isinstance(OmegaConf.select(cfg, key), bool), "true or false")
     check_data(cfg.data)
     check_schedule_and_optim(cfg)
     check_train(cfg)
     warmup = cfg.norm.get("options", {}).get("warmup")
     if cfg.norm.name == "mabn" and warmup != "auto" and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
         raise ConfigError(f"norm.options.warmup={warmup!r} is not valid; valid: auto, or an integer >= 0 (forwards)")
-    if cfg.schedule.epochs <= 0:
-        raise ConfigError(f"schedule.epochs={cfg.schedule.epochs!r} must be positive")
     if cfg.train.nan_policy not in ("stop", "skip"):
         raise ConfigError(f"train.nan_policy={cfg.train.nan_policy!r} is not valid; valid: stop, skip")
     for key, value, valid in (
@@ -119,11 +126,14 @@ def check_train(cfg: DictConfig) -> None:
         _require(f"train.{key}", train[key], is_int(train[key]) and train[key] >= 1, "an integer >= 1")
     for key in ("checkpoint_every_steps", "checkpoint_minutes", "max_nonfinite_skips"):
         _require(f"train.{key}", train[key], is_number(train[key]) and train[key] >= 0, "a number >= 0 (0: off)")
-    _require("train.compile", train.compile, isinstance(train.compile, bool), "true or false")
     _require("train.compile_mode", train.compile_mode, train.compile_mode in COMPILE_MODES, ", ".join(COMPILE_MODES))
     cap = train.get("max_batches_per_epoch")
     _require("train.max_batches_per_epoch", cap, cap is None or (is_int(cap) and cap > 0), "null or a positive integer")
+    smoothing = train.label_smoothing
+    _require("train.label_smoothing", smoothing, is_number(smoothing) and 0 <= smoothing <= 1, "a number in [0, 1]")
     _require("stats.every", cfg.stats.every, is_int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")
+    _require("stats.channel", cfg.stats.channel, is_int(cfg.stats.channel) and cfg.stats.channel >= 0,
+             "an integer >= 0 (below the recorded layers' channels)")
     changes = train.get("resume_changes") or []
     _require("train.resume_changes", changes, OmegaConf.is_list(changes) or isinstance(changes, list),
              "a list of settings, e.g. [schedule.epochs]")

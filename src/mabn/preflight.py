@@ -11,6 +11,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from .batch_stats import select_layers
 from .config import ConfigError, model_kwargs, validate
 from .data import DatasetError, check_layout
 from .distributed import launched_world_size
@@ -34,12 +35,19 @@ def writable_dir_problem(path: pathlib.Path) -> str | None:
 
 def check_layers(cfg: DictConfig) -> None:
     """Build the model on the meta device (no memory, no init), so that every layer constructor's own checks
-    (norm options, GN groups, BRN limits...) run before anything is written."""
+    (norm options, GN groups, BRN limits...) and the layers and channel `stats` names run before anything is
+    written."""
     try:
         with torch.device("meta"):
-            build_model(**model_kwargs(cfg, num_classes=10, steps_per_epoch=1000))
+            model = build_model(**model_kwargs(cfg, num_classes=10, steps_per_epoch=1000))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"norm={cfg.norm.name}, norm.options: {err}") from None
+    if cfg.stats.enabled:
+        layers = select_layers(model, list(cfg.stats.layers) if cfg.stats.layers else None)
+        narrowest = min((layer.num_features for layer in layers.values()), default=None)
+        if narrowest is not None and cfg.stats.channel >= narrowest:
+            raise ConfigError(f"stats.channel={cfg.stats.channel} is not valid; valid: an integer in [0, {narrowest - 1}] "
+                              f"(the narrowest recorded layer has {narrowest} channels)")
 
 
 def preflight(cfg: DictConfig, output_dir: str) -> None:
