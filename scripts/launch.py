@@ -36,8 +36,9 @@ def main() -> None:
     parser.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then Hydra overrides")
     args = parser.parse_args()
     overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
+    processes = "PROCS" if args.cpu else "GPUS"  # the make variable that set --gpus
     if args.gpus < 1 or args.nodes < 1:
-        fail(f"GPUS={args.gpus} and NODES={args.nodes} must be at least 1")
+        fail(f"{processes}={args.gpus} and NODES={args.nodes} are not valid; valid: integers >= 1")
     if not 0 <= args.node_rank < args.nodes:
         fail(f"NODE_RANK={args.node_rank} must be between 0 and NODES-1={args.nodes - 1}")
     if args.cpu:

@@ -217,6 +217,13 @@ def test_torchrun_job_writes_one_checkpoint_a_single_process_can_load(tiny_shape
     assert same.returncode == 2 and "was trained by 2 processes, this run has 1" in same.stderr, same.stderr[-2000:]
 
 
+@pytest.mark.parametrize("flags, named", [(["--cpu", "--gpus", "0"], "PROCS=0"), (["--gpus", "0"], "GPUS=0")])
+def test_launch_names_the_make_variable_of_a_bad_process_count(flags, named):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch.py"), *flags, "--"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.strip() == f"error: {named} and NODES=1 are not valid; valid: integers >= 1"
+
+
 def test_launch_refuses_more_gpus_than_visible_and_a_busy_port():
     if torch.cuda.device_count() < 64:
         out = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch.py"), "--gpus", "64", "--"],
