@@ -186,6 +186,11 @@ BAD_VALUES = {  # override -> what the one error line must say
     "stats.enabled=true stats.layers=[nope]": "stats.layers ['nope'] are not norm layers of the model",
     **{f"{key}=yes": f"{key}='yes' is not valid; valid: true or false" for key in FLAGS},  # "yes" is truthy
     "optim.nesterov=3": "optim.nesterov=3 is not valid; valid: true or false",
+    "norm=mabn norm.centered_conv=yes": "norm.centered_conv='yes' is not valid; valid: null (the norm's default), true or false",
+    "model.width=0": "model.width=0 is not valid; valid: a positive integer",
+    "model.width=abc": "model.width='abc' is not valid",
+    "model.arch=resnet7": "model.arch='resnet7' is not valid; valid: resnet18, resnet50",
+    "model.stem=big": "model.stem='big' is not valid; valid: imagenet, small",
 }
 
 

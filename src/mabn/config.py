@@ -13,7 +13,7 @@ from .optim import POLICIES, warmup_steps
 
 TAG = re.compile(r"-[A-Za-z0-9._=+-]*")  # a suffix of the run dir's name: no path separators or spaces
 FLAGS = ("train.amp", "train.channels_last", "train.deterministic", "train.compile", "train.progress", "stats.enabled",
-         "optim.nesterov", "optim.decay_norm_and_bias", "data.flip")  # settings that must be true or false
+         "optim.nesterov", "optim.decay_norm_and_bias", "data.flip", "model.zero_init_last_gamma")  # true or false
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
 
 
@@ -55,6 +55,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     for key in FLAGS:
         # A string such as "yes" or "no" is truthy: unchecked, it would switch the feature on.
         _require(key, OmegaConf.select(cfg, key), isinstance(OmegaConf.select(cfg, key), bool), "true or false")
+    centered = cfg.norm.get("centered_conv")
+    _require("norm.centered_conv", centered, centered is None or isinstance(centered, bool), "null (the norm's default), true or false")
+    width = cfg.model.width
+    _require("model.width", width, is_int(width) and width > 0, "a positive integer (channels of the first stage)")
     check_data(cfg.data)
     check_schedule_and_optim(cfg)
     check_train(cfg)

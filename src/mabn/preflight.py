@@ -15,7 +15,7 @@ from .batch_stats import select_layers
 from .config import ConfigError, model_kwargs, validate
 from .data import DatasetError, check_layout
 from .distributed import launched_world_size
-from .models import build_model
+from .models import ARCHS, STEMS, build_model
 from .resume import check_resume
 
 
@@ -37,6 +37,9 @@ def check_layers(cfg: DictConfig) -> None:
     """Build the model on the meta device (no memory, no init), so that every layer constructor's own checks
     (norm options, GN groups, BRN limits...) and the layers and channel `stats` names run before anything is
     written."""
+    for key, value, valid in (("model.arch", cfg.model.arch, ARCHS), ("model.stem", cfg.model.stem, STEMS)):
+        if value not in valid:
+            raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
     try:
         with torch.device("meta"):
             model = build_model(**model_kwargs(cfg, num_classes=10, steps_per_epoch=1000))

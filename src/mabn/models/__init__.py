@@ -2,7 +2,7 @@
 from torch import nn
 
 from ..norms import CenConv2d, name_norm_layers, norm_factory
-from .resnet import ResNet
+from .resnet import STEMS, ResNet
 
 ARCHS: dict[str, dict] = {
     "resnet18": dict(block="basic", layers=[2, 2, 2, 2]),
@@ -51,4 +51,4 @@ def resnet18(norm: str = "bn", num_classes: int = 1000, **norm_kwargs) -> ResNet
 
 from .export import ExportError, export_backbone, load_backbone  # noqa: E402 - export builds models with build_model
 
-__all__ = ["ARCHS", "ExportError", "ResNet", "build_model", "export_backbone", "load_backbone", "resnet18", "resnet50"]
+__all__ = ["ARCHS", "STEMS", "ExportError", "ResNet", "build_model", "export_backbone", "load_backbone", "resnet18", "resnet50"]

@@ -57,6 +57,7 @@ class Bottleneck(nn.Module):
 
 
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
+STEMS = ("imagenet", "small")  # imagenet: 7x7/2 conv + max-pool; small: 3x3/1 conv, no pool (32-64 px inputs)
 
 
 class ResNet(nn.Module):
@@ -77,8 +78,8 @@ class ResNet(nn.Module):
         super().__init__()
         if block not in BLOCKS:
             raise ValueError(f"unknown block '{block}'; valid: {', '.join(BLOCKS)}")
-        if stem not in ("imagenet", "small"):
-            raise ValueError(f"unknown stem '{stem}'; valid: imagenet, small")
+        if stem not in STEMS:
+            raise ValueError(f"unknown stem '{stem}'; valid: {', '.join(STEMS)}")
         block_cls = BLOCKS[block]
         self.norm_layer, self.conv_layer = norm_layer, conv_layer
         if stem == "imagenet":
