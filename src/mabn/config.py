@@ -41,7 +41,7 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     if not isinstance(accum, int) or accum <= 0:
         raise ConfigError(f"train.grad_accum={accum!r} must be a positive integer")
     total = cfg.train.get("total_batch")
-    _require("train.total_batch", total, total is None or (is_int(total) and total > 0), "null or a positive integer")
+    require("train.total_batch", total, total is None or (is_int(total) and total > 0), "null or a positive integer")
     if total is not None and total != n * world_size * accum:
         fits = total % (n * world_size) == 0
         hint = f"train.grad_accum={total // (n * world_size)} gives it on {world_size} processes" if fits else "change one of them"
@@ -50,15 +50,15 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
             f"train.grad_accum={accum} = {n * world_size * accum}; {hint}"
         )
     epochs = cfg.schedule.epochs
-    _require("schedule.epochs", epochs, is_int(epochs) and epochs > 0, "a positive integer")
-    _require("seed", cfg.seed, is_int(cfg.seed) and cfg.seed >= 0, "an integer >= 0")
+    require("schedule.epochs", epochs, is_int(epochs) and epochs > 0, "a positive integer")
+    require("seed", cfg.seed, is_int(cfg.seed) and cfg.seed >= 0, "an integer >= 0")
     for key in FLAGS:
-        # A string such as "yes" or "no" is truthy: unchecked, it would switch the feature on.
-        _require(key, OmegaConf.select(cfg, key), isinstance(OmegaConf.select(cfg, key), bool), "true or false")
+        flag = OmegaConf.select(cfg, key)  # a string such as "yes" or "no" is truthy: it would switch the feature on
+        require(key, flag, isinstance(flag, bool), "true or false")
     centered = cfg.norm.get("centered_conv")
-    _require("norm.centered_conv", centered, centered is None or isinstance(centered, bool), "null (the norm's default), true or false")
+    require("norm.centered_conv", centered, centered is None or isinstance(centered, bool), "null (the norm's default), true or false")
     width = cfg.model.width
-    _require("model.width", width, is_int(width) and width > 0, "a positive integer (channels of the first stage)")
+    require("model.width", width, is_int(width) and width > 0, "a positive integer (channels of the first stage)")
     check_data(cfg.data)
     check_schedule_and_optim(cfg)
     check_train(cfg)
@@ -82,7 +82,8 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
 _MISSING = object()  # OmegaConf.select's default for a key the config does not have
 
 
-def _require(key: str, value, ok: bool, valid: str) -> None:
+def require(key: str, value, ok: bool, valid: str) -> None:
+    """Raise the one-line ConfigError `key=value is not valid; valid: ...` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
 
@@ -90,66 +91,66 @@ def _require(key: str, value, ok: bool, valid: str) -> None:
 def check_data(data: DictConfig) -> None:
     """Sizes and counts of the data group (the layout of data.root is checked by mabn.data.check_layout)."""
     crop, resize = data.crop_size, data.get("val_resize")
-    _require("data.crop_size", crop, is_int(crop) and crop > 0, "a positive integer (pixels)")
-    _require("data.val_resize", resize, is_int(resize) and resize >= crop, f"an integer >= data.crop_size={crop}")
+    require("data.crop_size", crop, is_int(crop) and crop > 0, "a positive integer (pixels)")
+    require("data.val_resize", resize, is_int(resize) and resize >= crop, f"an integer >= data.crop_size={crop}")
     scale = list(data.crop_scale) if OmegaConf.is_list(data.get("crop_scale")) else data.get("crop_scale")
-    _require("data.crop_scale", scale, isinstance(scale, list) and len(scale) == 2 and all(map(is_number, scale))
+    require("data.crop_scale", scale, isinstance(scale, list) and len(scale) == 2 and all(map(is_number, scale))
              and 0 < scale[0] <= scale[1] <= 1, "[min, max] area fractions with 0 < min <= max <= 1")
     val_batch = data.get("val_batch_per_gpu")
-    _require("data.val_batch_per_gpu", val_batch, val_batch is None or (is_int(val_batch) and val_batch > 0),
+    require("data.val_batch_per_gpu", val_batch, val_batch is None or (is_int(val_batch) and val_batch > 0),
              "null (data.batch_per_gpu) or a positive integer")
-    _require("data.workers", data.workers, is_int(data.workers) and data.workers >= 0, "an integer >= 0 (0: load in the main process)")
-    _require("data.lighting_std", data.lighting_std, is_number(data.lighting_std) and data.lighting_std >= 0, "a number >= 0 (0: off)")
+    require("data.workers", data.workers, is_int(data.workers) and data.workers >= 0, "an integer >= 0 (0: load in the main process)")
+    require("data.lighting_std", data.lighting_std, is_number(data.lighting_std) and data.lighting_std >= 0, "a number >= 0 (0: off)")
     unreadable = data.get("max_unreadable")
-    _require("data.max_unreadable", unreadable, unreadable is None or (is_int(unreadable) and unreadable >= 0), "null or an integer >= 0")
+    require("data.max_unreadable", unreadable, unreadable is None or (is_int(unreadable) and unreadable >= 0), "null or an integer >= 0")
 
 
 def check_schedule_and_optim(cfg: DictConfig) -> None:
     sched, optim = cfg.schedule, cfg.optim
-    _require("schedule.base_lr", sched.base_lr, is_number(sched.base_lr) and sched.base_lr > 0, "a number > 0")
-    _require("schedule.warmup_epochs", sched.warmup_epochs, is_number(sched.warmup_epochs) and 0 <= sched.warmup_epochs <= sched.epochs,
+    require("schedule.base_lr", sched.base_lr, is_number(sched.base_lr) and sched.base_lr > 0, "a number > 0")
+    require("schedule.warmup_epochs", sched.warmup_epochs, is_number(sched.warmup_epochs) and 0 <= sched.warmup_epochs <= sched.epochs,
              f"a number in [0, schedule.epochs={sched.epochs}]")
     milestones = list(sched.milestones)
-    _require("schedule.milestones", milestones, all(map(is_number, milestones)) and milestones == sorted(milestones)
+    require("schedule.milestones", milestones, all(map(is_number, milestones)) and milestones == sorted(milestones)
              and all(0 < m < sched.epochs for m in milestones), f"increasing epochs within (0, {sched.epochs})")
-    _require("schedule.gamma", sched.gamma, is_number(sched.gamma) and 0 < sched.gamma <= 1, "a number in (0, 1]")
+    require("schedule.gamma", sched.gamma, is_number(sched.gamma) and 0 < sched.gamma <= 1, "a number in (0, 1]")
     final = sched.get("final_lr_fraction", 0.0)
-    _require("schedule.final_lr_fraction", final, is_number(final) and 0 <= final <= 1, "a number in [0, 1]")
-    _require("optim.momentum", optim.momentum, is_number(optim.momentum) and 0 <= optim.momentum < 1, "a number in [0, 1)")
-    _require("optim.weight_decay", optim.weight_decay, is_number(optim.weight_decay) and optim.weight_decay >= 0, "a number >= 0")
+    require("schedule.final_lr_fraction", final, is_number(final) and 0 <= final <= 1, "a number in [0, 1]")
+    require("optim.momentum", optim.momentum, is_number(optim.momentum) and 0 <= optim.momentum < 1, "a number in [0, 1)")
+    require("optim.weight_decay", optim.weight_decay, is_number(optim.weight_decay) and optim.weight_decay >= 0, "a number >= 0")
 
 
 def check_train(cfg: DictConfig) -> None:
     train = cfg.train
     device = str(train.device)
-    _require("train.device", device, device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:"),
+    require("train.device", device, device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:"),
              "auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.device={device!r} but no CUDA device is visible; valid here: auto or cpu")
     for key in ("checkpoint_keep", "log_every"):
-        _require(f"train.{key}", train[key], is_int(train[key]) and train[key] >= 1, "an integer >= 1")
+        require(f"train.{key}", train[key], is_int(train[key]) and train[key] >= 1, "an integer >= 1")
     for key in ("checkpoint_every_steps", "checkpoint_minutes", "max_nonfinite_skips"):
-        _require(f"train.{key}", train[key], is_number(train[key]) and train[key] >= 0, "a number >= 0 (0: off)")
-    _require("train.compile_mode", train.compile_mode, train.compile_mode in COMPILE_MODES, ", ".join(COMPILE_MODES))
+        require(f"train.{key}", train[key], is_number(train[key]) and train[key] >= 0, "a number >= 0 (0: off)")
+    require("train.compile_mode", train.compile_mode, train.compile_mode in COMPILE_MODES, ", ".join(COMPILE_MODES))
     cap = train.get("max_batches_per_epoch")
-    _require("train.max_batches_per_epoch", cap, cap is None or (is_int(cap) and cap > 0), "null or a positive integer")
+    require("train.max_batches_per_epoch", cap, cap is None or (is_int(cap) and cap > 0), "null or a positive integer")
     smoothing = train.label_smoothing
-    _require("train.label_smoothing", smoothing, is_number(smoothing) and 0 <= smoothing <= 1, "a number in [0, 1]")
-    _require("stats.every", cfg.stats.every, is_int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")
-    _require("stats.channel", cfg.stats.channel, is_int(cfg.stats.channel) and cfg.stats.channel >= 0,
+    require("train.label_smoothing", smoothing, is_number(smoothing) and 0 <= smoothing <= 1, "a number in [0, 1]")
+    require("stats.every", cfg.stats.every, is_int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")
+    require("stats.channel", cfg.stats.channel, is_int(cfg.stats.channel) and cfg.stats.channel >= 0,
              "an integer >= 0 (below the recorded layers' channels)")
     changes = train.get("resume_changes") or []
-    _require("train.resume_changes", changes, OmegaConf.is_list(changes) or isinstance(changes, list),
+    require("train.resume_changes", changes, OmegaConf.is_list(changes) or isinstance(changes, list),
              "a list of settings, e.g. [schedule.epochs]")
     for key in changes:
-        _require("train.resume_changes", key, isinstance(key, str) and OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING,
+        require("train.resume_changes", key, isinstance(key, str) and OmegaConf.select(cfg, key, default=_MISSING) is not _MISSING,
                  "a list of this config's settings as dotted keys, e.g. [schedule.epochs]")
     root = str(cfg.get("output_root", "outputs"))
-    _require("output_root", root, not root.startswith("~"), "a path without ~ (Hydra does not expand it): use $HOME/...")
+    require("output_root", root, not root.startswith("~"), "a path without ~ (Hydra does not expand it): use $HOME/...")
     tag = cfg.get("tag", "")
     # The run name is <...>-n<batch_per_gpu><tag>-s<seed>: without its dash a tag runs into the batch ("n32e1").
     # Its text is what counts: Hydra reads tag=-2 as the number -2, which names the run "...-n32-2-s0" as meant.
-    _require("tag", tag, tag == "" or (tag is not None and TAG.fullmatch(str(tag)) is not None),
+    require("tag", tag, tag == "" or (tag is not None and TAG.fullmatch(str(tag)) is not None),
              '"" or a run-name suffix starting with "-", of letters, digits and . _ - = + (e.g. tag=-e1)')
 
 

@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from .batch_stats import select_layers
-from .config import ConfigError, model_kwargs, validate
+from .config import ConfigError, model_kwargs, require, validate
 from .data import DatasetError, check_layout
 from .distributed import launched_world_size
 from .models import ARCHS, STEMS, build_model
@@ -35,11 +35,10 @@ def writable_dir_problem(path: pathlib.Path) -> str | None:
 
 def check_layers(cfg: DictConfig) -> None:
     """Build the model on the meta device (no memory, no init), so that every layer constructor's own checks
-    (norm options, GN groups, BRN limits...) and the layers and channel `stats` names run before anything is
+    (norm options, GN groups, BRN limits...) and the `stats` layers and channel are checked before anything is
     written."""
-    for key, value, valid in (("model.arch", cfg.model.arch, ARCHS), ("model.stem", cfg.model.stem, STEMS)):
-        if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
+    require("model.arch", cfg.model.arch, cfg.model.arch in ARCHS, ", ".join(ARCHS))
+    require("model.stem", cfg.model.stem, cfg.model.stem in STEMS, ", ".join(STEMS))
     try:
         with torch.device("meta"):
             model = build_model(**model_kwargs(cfg, num_classes=10, steps_per_epoch=1000))
@@ -48,9 +47,9 @@ def check_layers(cfg: DictConfig) -> None:
     if cfg.stats.enabled:
         layers = select_layers(model, list(cfg.stats.layers) if cfg.stats.layers else None)
         narrowest = min((layer.num_features for layer in layers.values()), default=None)
-        if narrowest is not None and cfg.stats.channel >= narrowest:
-            raise ConfigError(f"stats.channel={cfg.stats.channel} is not valid; valid: an integer in [0, {narrowest - 1}] "
-                              f"(the narrowest recorded layer has {narrowest} channels)")
+        if narrowest is not None:
+            require("stats.channel", cfg.stats.channel, cfg.stats.channel < narrowest,
+                    f"an integer in [0, {narrowest - 1}] (the narrowest recorded layer has {narrowest} channels)")
 
 
 def preflight(cfg: DictConfig, output_dir: str) -> None:
