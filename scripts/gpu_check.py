@@ -522,7 +522,8 @@ def trainer_syncs(check: Check) -> tuple[str, list]:
     """The trainer's own loop (`engine.train_one_epoch`) for TRAINER_MEASURED steady steps under sync capture."""
     import tempfile
 
-    from mabn.engine import Progress, StopSignal, train_one_epoch
+    from mabn.engine import Progress, train_one_epoch
+    from mabn.stop import StopSignal
 
     with tempfile.TemporaryDirectory() as tmp:
         job, progress = trainer_job(check, pathlib.Path(tmp)), Progress()

@@ -59,7 +59,8 @@ def _job(root, out, rank, world, norm):
 
 
 def _train_steps_worker(rank, world, root, out, norm):
-    from mabn.engine import Progress, StopSignal, evaluate, train_one_epoch
+    from mabn.engine import Progress, evaluate, train_one_epoch
+    from mabn.stop import StopSignal
 
     job = _job(root, out / f"rank{rank}", rank, world, norm)
     progress, records = Progress(), []

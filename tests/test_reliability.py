@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mabn.checkpoint import CheckpointDir
+from mabn.stop import shield_loader_worker, stop_signals
 
 from .conftest import train_command
 
@@ -108,6 +109,75 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_shapes, tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "resumed from" in again.stdout
     assert '"finished"' in next(tmp_path.rglob("metrics.jsonl")).read_text()
+
+
+class _WorkerPids(torch.utils.data.Dataset):
+    """Each sample is the pid of the process that loaded it."""
+
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        time.sleep(0.01)
+        return os.getpid()
+
+
+def _worker_pid_and_loader(shield):
+    loader = torch.utils.data.DataLoader(_WorkerPids(), batch_size=1, num_workers=1, persistent_workers=True,
+                                         worker_init_fn=shield_loader_worker if shield else None)
+    batches = iter(loader)
+    return int(next(batches)), batches
+
+
+def _send_from_outside(pid, sig):
+    """Signal `pid` from another process (as SLURM or `timeout` would): torch's worker exits quietly only on
+    its parent's SIGTERM."""
+    subprocess.run(["kill", f"-{sig.name[3:]}", str(pid)], check=True)
+
+
+def test_an_unshielded_loader_worker_dies_of_a_stop_signal():
+    # What a whole-group signal did before the loaders shielded their workers (the next tests' control).
+    pid, batches = _worker_pid_and_loader(shield=False)
+    with pytest.raises(RuntimeError, match=f"worker \\(pid {pid}\\) is killed by signal: Terminated"):
+        _send_from_outside(pid, signal.SIGTERM)
+        time.sleep(1)
+        next(batches)
+
+
+@pytest.mark.parametrize("first", stop_signals(), ids=lambda sig: sig.name)
+def test_a_shielded_loader_worker_outlives_the_first_stop_signal_and_dies_of_the_next(first):
+    pid, batches = _worker_pid_and_loader(shield=True)
+    _send_from_outside(pid, first)
+    time.sleep(0.5)
+    assert [int(next(batches)) for _ in range(3)] == [pid] * 3
+    with pytest.raises(RuntimeError, match=f"worker \\(pid {pid}\\) is killed by signal: Terminated"):
+        _send_from_outside(pid, signal.SIGTERM)
+        time.sleep(1)
+        next(batches)
+
+
+def test_the_trainers_own_sigterm_still_ends_a_shielded_worker_at_once():
+    # The loader's shutdown and multiprocessing's exit (terminate, then join) must not wait on the shield.
+    pid, batches = _worker_pid_and_loader(shield=True)
+    _send_from_outside(pid, signal.SIGUSR1)
+    os.kill(pid, signal.SIGTERM)
+    time.sleep(1)
+    with pytest.raises(RuntimeError, match=f"worker \\(pid\\(s\\) {pid}\\) exited unexpectedly"):
+        next(batches)  # status 0, as torch's own handler exits on its parent's SIGTERM
+
+
+def test_sigterm_to_the_whole_process_group_checkpoints_and_ends_the_multirun(tiny_shapes, tmp_path):
+    # SLURM, `timeout` and `kill -- -PGID` signal the loader workers too: they used to die first, the trainer
+    # failed mid-step without a checkpoint, and Hydra's multirun went on to its next job.
+    cmd = _cmd(tiny_shapes, tmp_path, "bn", "data.workers=2", "seed=0,1")
+    cmd.insert(3, "--multirun")  # after `-m mabn.train`
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    _wait_for_checkpoint(tmp_path, 3, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and "stop signal 15: checkpoint" in output, output[-3000:]
+    assert "killed by signal" not in output
+    assert [p.name[-2:] for p in tmp_path.rglob("*-s*") if p.is_dir()] == ["s0"]  # seed 1 never started
 
 
 def _corrupt_copy(src, dst):

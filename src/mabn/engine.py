@@ -3,9 +3,8 @@ import contextlib
 import logging
 import math
 import os
-import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +16,7 @@ from .distributed import (
     RankAveragedRunningStats,
     all_reduce_sum,
 )
+from .stop import StopSignal
 
 log = logging.getLogger(__name__)
 FIRST_STEP = "first training step done"  # the log line that times start-up (scripts/bench/bench_scale.py waits for it)
@@ -48,39 +48,6 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         self.__dict__.update(state)
-
-
-def stop_signals() -> list[signal.Signals]:
-    """SIGTERM, SIGUSR1, and submitit's preemption/time-limit signal: SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL
-    names another (submitit asks SLURM for `--signal=USR2@signal_delay_s`; its local executor sends the same)."""
-    names = ["TERM", "USR1", os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
-    return list(dict.fromkeys(getattr(signal, f"SIG{name}") for name in names if hasattr(signal, f"SIG{name}")))
-
-
-@dataclass
-class StopSignal:
-    """Set by a stop signal (`stop_signals`: a kill, SLURM preemption or time limit): finish the step,
-    checkpoint, exit cleanly; then `forward_to_previous_handler` lets submitit requeue the job."""
-
-    received: int | None = None
-    previous: dict = field(default_factory=dict)
-
-    def install(self) -> "StopSignal":
-        for sig in stop_signals():
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def uninstall(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def forward_to_previous_handler(self) -> None:
-        """After the checkpoint: let a handler installed before ours (submitit's requeue) see the signal."""
-        if self.received is not None and callable(self.previous.get(self.received)):
-            signal.raise_signal(self.received)
 
 
 class LatestLoss:

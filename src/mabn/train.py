@@ -34,11 +34,12 @@ from .distributed import (
     rank_averaged_running_stats,
     wrap_ddp,
 )
-from .engine import NonFiniteLoss, Progress, StopSignal, evaluate, train_one_epoch
+from .engine import NonFiniteLoss, Progress, evaluate, train_one_epoch
 from .host_memory import keep_freed_blocks
 from .models import build_model
 from .optim import LRSchedule, build_optimizer, scaled_lr, set_lr
 from .resume import check_same_run, find_checkpoint
+from .stop import StopSignal
 
 log = logging.getLogger("mabn.train")
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]  # an editable install: src/mabn/ in the checkout

@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from torch.utils.data import DataLoader
 
+from ..stop import shield_loader_worker
 from . import shapes
 from .folder import (
     DatasetError,
@@ -80,6 +81,8 @@ def build_torchvision_loaders(root, classes, aug, data_cfg, rank, world_size, se
         pin_memory=device.startswith("cuda"),
         persistent_workers=data_cfg.workers > 0,
         collate_fn=collate_skipping_unreadable,
+        # A stop signal sent to the whole job reaches the workers too: they must outlive it (mabn.stop).
+        worker_init_fn=shield_loader_worker,
         # Its own generator: creating an epoch's iterator must not consume the global RNG (exact resume).
         generator=torch.Generator().manual_seed(seed),
     )
