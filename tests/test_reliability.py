@@ -5,12 +5,15 @@ import random
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 import torch
 
+from mabn import run_lock
 from mabn.checkpoint import CheckpointDir
+from mabn.run_lock import RunDirInUse
 from mabn.stop import shield_loader_worker, stop_signals
 
 from .conftest import train_command
@@ -178,6 +181,43 @@ def test_sigterm_to_the_whole_process_group_checkpoints_and_ends_the_multirun(ti
     assert proc.returncode == 0 and "stop signal 15: checkpoint" in output, output[-3000:]
     assert "killed by signal" not in output
     assert [p.name[-2:] for p in tmp_path.rglob("*-s*") if p.is_dir()] == ["s0"]  # seed 1 never started
+
+
+def test_a_held_run_dir_is_refused_and_freed_when_its_holder_dies(tmp_path):
+    with run_lock.hold(tmp_path):
+        with pytest.raises(RunDirInUse, match=f"run dir {tmp_path} is in use by pid {os.getpid()} on "):
+            run_lock.check_free(tmp_path)
+    run_lock.check_free(tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", f"from mabn import run_lock; import time\n"
+                               f"with run_lock.hold(__import__('pathlib').Path({str(tmp_path)!r})):\n"
+                               f"    print('held', flush=True); time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    with pytest.raises(RunDirInUse, match=f"pid {holder.pid} "):
+        run_lock.check_free(tmp_path)
+    holder.send_signal(signal.SIGKILL)  # the kernel drops the lock with its process: no stale lock
+    holder.wait()
+    run_lock.check_free(tmp_path)
+
+
+def test_a_second_trainer_of_a_running_run_dir_is_refused_before_it_writes(tiny_shapes, tmp_path):
+    cmd = _cmd(tiny_shapes, tmp_path, "bn")
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(tmp_path, 2, first)
+    first.send_signal(signal.SIGSTOP)  # paused, it still holds the run dir
+    try:
+        run_dir = next(tmp_path.rglob("checkpoints")).parent
+        before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+        for extra in ([], ["--multirun"]):  # refused in the preflight / in the job, its `.hydra/` records put back
+            second = subprocess.run(cmd[:3] + extra + cmd[3:], capture_output=True, text=True, timeout=120)
+            assert second.returncode == 2, second.stderr[-2000:]
+            assert f"error: run dir {run_dir} is in use by pid {first.pid} on " in second.stderr.splitlines()[-1]
+            after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+            assert after.keys() - {run_dir / "train.log"} == before.keys() - {run_dir / "train.log"}
+            assert all(after[p] == before[p] for p in before if p.name != "train.log")  # Hydra's log line may be added
+    finally:
+        first.send_signal(signal.SIGCONT)
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-2000:]
 
 
 def _corrupt_copy(src, dst):

@@ -11,6 +11,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from . import run_lock
 from .batch_stats import select_layers
 from .config import ConfigError, model_kwargs, require, validate
 from .data import DatasetError, check_layout
@@ -65,13 +66,22 @@ def preflight(cfg: DictConfig, output_dir: str) -> None:
         raise ConfigError(f"output dir {output_dir!r} cannot be written ({problem}); set output_root to a writable folder")
 
 
+def check_run_dir_free(run_dir) -> None:
+    """No other trainer holds the run dir (`run_lock`). Rank 0's check only: a job's ranks share its run dir,
+    and rank 0 may hold it already when another rank gets here."""
+    launched_world_size()  # exports SLURM's task ids as RANK
+    if int(os.environ.get("RANK", 0)) == 0:
+        run_lock.check_free(run_dir)
+
+
 HYDRA_RECORDS = ("config.yaml", "hydra.yaml", "overrides.yaml")  # what Hydra writes into <run dir>/.hydra
 
 
 class Preflight(Callback):
-    """Single run: every check, the resume check included, before Hydra writes the run dir's `.hydra/`.
+    """Single run: every check, the run dir's lock and the resume check included, before Hydra writes the run
+    dir's `.hydra/`.
 
-    Multirun: the config checks before the sweep starts; the resume check of each job can only run once
+    Multirun: the config checks before the sweep starts; the lock and resume checks of each job can only run once
     Hydra has written that job's `.hydra/` (no callback comes earlier), so the run dirs' records are read
     at the sweep's start and a job that fails the check puts its dir's back before it exits (jobs that a
     launcher runs in other processes, submitit's, still fail the check but cannot restore the records).
@@ -83,6 +93,7 @@ class Preflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         def check():
             preflight(config, config.hydra.run.dir)
+            check_run_dir_free(config.hydra.run.dir)
             check_resume(config, config.hydra.run.dir, launched_world_size())
 
         self._fail_on_error(check)
@@ -100,6 +111,7 @@ class Preflight(Callback):
 
         def check():
             try:
+                check_run_dir_free(run_dir)
                 check_resume(config, run_dir, launched_world_size())
             except ConfigError:
                 folder = (run_dir / config.hydra.output_subdir).resolve()

@@ -4,6 +4,7 @@ Reads the composed config, checks it, builds data, model and optimizer, resumes 
 dir's last good checkpoint, then trains and evaluates epoch by epoch, logging to TensorBoard,
 `metrics.jsonl` and checkpoints in the run dir.
 """
+import contextlib
 import json
 import logging
 import math
@@ -23,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
 from . import checkpoint as ckpt
+from . import run_lock
 from .batch_stats import BatchStatsRecorder, select_layers
 from .compile import compile_model
 from .config import ConfigError, model_kwargs, sgd_batch, validate
@@ -209,6 +211,13 @@ def run(cfg: DictConfig) -> dict:
     info = init_distributed(cfg.train.device)
     validate(cfg, info.world_size)
     run_dir = pathlib.Path(HydraConfig.get().runtime.output_dir)
+    # One trainer per run dir: rank 0 holds it for the whole job (the preflight checked it was free).
+    with run_lock.hold(run_dir) if info.is_main else contextlib.nullcontext():
+        return train_in(cfg, info, run_dir)
+
+
+def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
+    """`run` once the run dir is this job's: resume, train the remaining epochs, evaluate each."""
     seed_everything(cfg.seed + info.rank, cfg.train.deterministic)
     if info.device == "cpu":
         keep_freed_blocks()
