@@ -30,12 +30,15 @@ import os
 import pathlib
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 
 from hydra import compose, initialize_config_dir
+
+from mabn.stop import stop_signals
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("figure", "real_b2", "ablations", "proposal", "third")
@@ -184,12 +187,17 @@ def archive_run(plan: Plan, run_dir: pathlib.Path) -> None:
 
 
 def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir: pathlib.Path,
-              follow_up=None) -> int:
-    """Run `runs` in `lanes` parallel subprocesses, lowest rank first; returns the number of failed runs.
+              follow_up=None) -> tuple[int, int | None]:
+    """Run `runs` in `lanes` parallel subprocesses, lowest rank first; returns the number of failed runs, and
+    the stop signal that ended the plan early (None if none came).
 
-    `follow_up(rank, run)`, called after each finished run, returns more ranked runs to queue (third seeds)."""
+    `follow_up(rank, run)`, called after each finished run, returns more ranked runs to queue (third seeds).
+    A stop signal (mabn.stop: SIGTERM, SIGUSR1, SIGUSR2) sent to this driver alone is passed on to the runs in
+    progress, which checkpoint and exit as they do on their own; no lane starts another run."""
     todo: queue.PriorityQueue = queue.PriorityQueue()
     queued, failed, lock, trained = set(), [], threading.Lock(), []
+    children: dict[int, subprocess.Popen] = {}
+    stopped: list[int] = []
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -211,13 +219,24 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                 rank, i, run, run_dir = todo.get_nowait()
             except queue.Empty:
                 return
+            if stopped:
+                return
             log_file = log_dir / f"{run_dir.name}.log"
             started, epochs_before = time.time(), epochs_done(run_dir)
             print(f"[lane {index}] {i}/{len(queued)} start {run_dir.name} (log {log_file})", flush=True)
             cmd = [sys.executable, "-m", "mabn.train", *plan.overrides(run), "train.progress=false"]
             with open(log_file, "a") as log:
-                code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                with lock:  # a stop signal is either seen here or passed on to this child
+                    if stopped:
+                        return
+                    children[index] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                code = children[index].wait()
+                with lock:
+                    del children[index]
             minutes = (time.time() - started) / 60
+            if stopped and not (code == 0 and is_finished(run_dir)):
+                print(f"[lane {index}] {i}/{len(queued)} stopped {run_dir.name} (exit {code}, {minutes:.1f} min)", flush=True)
+                return
             if code == 0 and is_finished(run_dir):
                 if plan.archive:
                     archive_run(plan, run_dir)
@@ -238,12 +257,25 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                 print(f"[lane {index}] {i}/{len(queued)} FAILED {run_dir.name} (exit {code}, {minutes:.1f} min; "
                       f"see {log_file})", flush=True)
 
+    def stop(signum, frame) -> None:
+        # In the main thread, which holds `lock` nowhere else: a lane holding it lets go at once.
+        with lock:
+            stopped.append(signum)
+            running = list(children.values())
+        for child in running:
+            child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in stop_signals()}
     workers = [threading.Thread(target=lane, args=(k + 1,)) for k in range(lanes)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return len(failed)
+    try:
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return len(failed), (stopped[0] if stopped else None)
 
 
 def parse_list(text: str, kind, valid=None, name="") -> list:
@@ -297,7 +329,11 @@ def main() -> int:
             print(f"  todo  {plan.run_dir(run).name} (third seed)")
         return 0
     log_dir = pathlib.Path(args.output_root) / "lanes"
-    failures = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds)
+    failures, stopped = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds)
+    if stopped:
+        print(f"stopped by signal {stopped}: the runs in progress checkpointed; the same command resumes the plan",
+              file=sys.stderr)
+        return 128 + stopped
     if failures:
         print(f"error: {failures} runs failed; their logs are in {log_dir}", file=sys.stderr)
         return 1

@@ -1,7 +1,9 @@
 """`make repro`'s plan (scripts/repro.py): what it runs, in which order, what counts as done, and third seeds."""
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -84,25 +86,50 @@ def test_two_lanes_run_the_plan_archive_each_run_and_say_what_is_left(tiny_shape
     assert again.returncode == 0 and "2 planned runs, 2 finished, 0 to run" in again.stdout
 
 
+def test_a_stop_signal_to_the_driver_alone_checkpoints_the_run_in_progress_and_starts_no_other(tiny_shapes, tmp_path):
+    # `kill <pid of make repro's driver>`: the lanes' trainers used to train on, orphaned, and a rerun of the plan
+    # then trained the same run dirs beside them.
+    tiny = [f"data.root={tiny_shapes}", "data.generate=null", "data.crop_size=24", "data.val_resize=28", "data.workers=0",
+            "model.width=8", "schedule.epochs=50", "data.val_batch_per_gpu=10", "train.checkpoint_every_steps=1"]
+    cmd = [sys.executable, "scripts/repro.py", "--only", "real_b2", "--seeds", "0", "--lanes", "1",
+           "--output-root", str(tmp_path / "out"), *tiny]
+    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((tmp_path / "out").rglob("checkpoints/step-*.pt")):
+        assert driver.poll() is None and time.time() < deadline, "no checkpoint before the stop"
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGTERM)
+    out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 128 + signal.SIGTERM, out + err
+    assert "stopped by signal 15: the runs in progress checkpointed" in err
+    [first] = [line for line in out.splitlines() if " stopped " in line]
+    name = first.split(" stopped ")[1].split()[0]
+    assert "stop signal 15: checkpoint" in (tmp_path / "out" / "lanes" / f"{name}.log").read_text()
+    assert [p.name for p in (tmp_path / "out" / "imagenette_cpu").iterdir()] == [name]  # the other never started
+
+
 def test_a_third_seed_is_queued_once_two_seeds_differ_and_runs_before_the_next_part(tmp_path, monkeypatch):
     # Training faked: each "run" writes a finished metrics.jsonl whose error depends on the norm and seed.
     plan = repro.Plan("imagenette_cpu", str(tmp_path / "out"), [], None)
     errors = {("bn", 0): 27.0, ("bn", 1): 30.5, ("mabn", 0): 25.0, ("mabn", 1): 25.5, ("bn", 2): 28.0}
     order = []
 
-    def fake_train(cmd, **kwargs):
-        run = [a for a in cmd if "=" in a and not a.startswith(("experiment=", "output_root=", "train.progress="))]
-        order.append(plan.run_dir(run).name)
-        norm, seed = run[0].removeprefix("norm="), int(run[-1].removeprefix("seed="))
-        _finished(plan.run_dir(run), errors.get((norm, seed), 40.0))
-        return subprocess.CompletedProcess(cmd, 0)
+    class FakeTrain:
+        def __init__(self, cmd, **kwargs):
+            run = [a for a in cmd if "=" in a and not a.startswith(("experiment=", "output_root=", "train.progress="))]
+            order.append(plan.run_dir(run).name)
+            norm, seed = run[0].removeprefix("norm="), int(run[-1].removeprefix("seed="))
+            _finished(plan.run_dir(run), errors.get((norm, seed), 40.0))
 
-    monkeypatch.setattr(repro.subprocess, "run", fake_train)
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(repro.subprocess, "Popen", FakeTrain)
     figure = [((0, 0, i), [f"norm={n}", "norm.norm_batch=32", f"seed={s}"]) for i, (s, n) in
               enumerate([(0, "mabn"), (0, "bn"), (1, "mabn"), (1, "bn")])]
     real_b2 = [((1, 0, 0), ["norm=bn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=0"])]
     follow_up = repro.third_seed_follow_up(plan, [0, 1], 2.0)
-    assert repro.run_lanes(plan, figure + real_b2, 1, 1, tmp_path / "logs", follow_up) == 0
+    assert repro.run_lanes(plan, figure + real_b2, 1, 1, tmp_path / "logs", follow_up) == (0, None)
     assert order == [f"imagenette64-resnet18_cpu-{n}-b32-n32-s{s}" for s, n in [(0, "mabn"), (0, "bn"), (1, "mabn"), (1, "bn")]] \
         + ["imagenette64-resnet18_cpu-bn-b32-n32-s2", "imagenette64-resnet18_cpu-bn-b2-n2-s0"]  # BN's third seed, not MABN's
     assert follow_up((0, 0, 1), ["norm=bn", "norm.norm_batch=32", "seed=1"]) == []  # finished: not queued again
