@@ -38,6 +38,7 @@ import time
 
 from hydra import compose, initialize_config_dir
 
+from mabn import run_lock
 from mabn.stop import stop_signals
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -329,7 +330,14 @@ def main() -> int:
             print(f"  todo  {plan.run_dir(run).name} (third seed)")
         return 0
     log_dir = pathlib.Path(args.output_root) / "lanes"
-    failures, stopped = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with run_lock.hold(log_dir):  # one driver per output root: a second would start the same runs
+            failures, stopped = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds)
+    except run_lock.RunDirInUse as err:
+        print(f"error: {args.output_root} is in use by another make repro ({err.holder}); wait for it, stop it "
+              f"(kill: its runs checkpoint), or set --output-root", file=sys.stderr)
+        return 2
     if stopped:
         print(f"stopped by signal {stopped}: the runs in progress checkpointed; the same command resumes the plan",
               file=sys.stderr)

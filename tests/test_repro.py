@@ -108,6 +108,18 @@ def test_a_stop_signal_to_the_driver_alone_checkpoints_the_run_in_progress_and_s
     assert [p.name for p in (tmp_path / "out" / "imagenette_cpu").iterdir()] == [name]  # the other never started
 
 
+def test_a_second_driver_on_the_same_output_root_is_refused(tmp_path):
+    from mabn import run_lock
+
+    (tmp_path / "out" / "lanes").mkdir(parents=True)
+    with run_lock.hold(tmp_path / "out" / "lanes"):  # the first driver, running
+        out = subprocess.run([sys.executable, "scripts/repro.py", "--only", "real_b2", "--seeds", "0",
+                              "--output-root", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[-1].startswith(f"error: {tmp_path / 'out'} is in use by another make repro (pid ")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["lanes"]  # no run started
+
+
 def test_a_third_seed_is_queued_once_two_seeds_differ_and_runs_before_the_next_part(tmp_path, monkeypatch):
     # Training faked: each "run" writes a finished metrics.jsonl whose error depends on the norm and seed.
     plan = repro.Plan("imagenette_cpu", str(tmp_path / "out"), [], None)

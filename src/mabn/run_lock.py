@@ -19,7 +19,10 @@ LOCK_NAME = ".lock"
 
 
 class RunDirInUse(ConfigError):
-    pass
+    def __init__(self, run_dir: pathlib.Path, holder: str):
+        super().__init__(f"run dir {run_dir} is in use by {holder}: wait for it to finish, stop it (SIGTERM: it "
+                         f"checkpoints first), or set tag=... to run apart")
+        self.holder = holder
 
 
 def _open_locked(run_dir: pathlib.Path):
@@ -31,8 +34,7 @@ def _open_locked(run_dir: pathlib.Path):
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise RunDirInUse(f"run dir {run_dir} is in use by {holder}: wait for it to finish, stop it (SIGTERM: it "
-                          f"checkpoints first), or set tag=... to run apart") from None
+        raise RunDirInUse(run_dir, holder) from None
     return handle
 
 
@@ -45,8 +47,8 @@ def check_free(run_dir) -> None:
 
 @contextlib.contextmanager
 def hold(run_dir: pathlib.Path):
-    """Hold `run_dir` for this process while the block runs."""
-    handle = _open_locked(run_dir)
+    """Hold `run_dir` (any folder: `make repro` holds its lanes' log folder) for this process while the block runs."""
+    handle = _open_locked(pathlib.Path(run_dir))
     try:
         handle.seek(0)
         handle.truncate()
