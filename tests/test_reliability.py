@@ -199,6 +199,17 @@ def test_a_held_run_dir_is_refused_and_freed_when_its_holder_dies(tmp_path):
     run_lock.check_free(tmp_path)
 
 
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    def no_locks(handle, operation):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(run_lock.fcntl, "flock", no_locks)
+    run_lock.check_free(tmp_path)
+    with run_lock.hold(tmp_path):
+        pass
+    assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
 def test_a_second_trainer_of_a_running_run_dir_is_refused_before_it_writes(tiny_shapes, tmp_path):
     cmd = _cmd(tiny_shapes, tmp_path, "bn")
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

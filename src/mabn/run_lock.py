@@ -9,6 +9,7 @@ never meets a stale one. The file names its holder for the error line.
 import contextlib
 import datetime
 import fcntl
+import logging
 import os
 import pathlib
 import socket
@@ -16,6 +17,7 @@ import socket
 from .config import ConfigError
 
 LOCK_NAME = ".lock"
+log = logging.getLogger(__name__)
 
 
 class RunDirInUse(ConfigError):
@@ -35,6 +37,8 @@ def _open_locked(run_dir: pathlib.Path):
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RunDirInUse(run_dir, holder) from None
+    except OSError as err:  # a file system without locks (some NFS mounts: ENOLCK): train, unguarded
+        log.warning("cannot lock %s (%s): a second trainer of this run dir would not be refused", handle.name, err)
     return handle
 
 
