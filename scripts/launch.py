@@ -59,7 +59,17 @@ def main() -> None:
         "-m", "mabn.train", *overrides,
     ]
     print(" ".join(command), file=sys.stderr)
-    os.execv(sys.executable, command)
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(command[3:])
+    except SignalException as err:
+        # torchrun passed the stop signal on to the ranks, which checkpoint and exit (mabn.stop); its traceback
+        # would bury their last lines.
+        print(f"stopped by signal {int(err.sigval)}: the ranks were asked to checkpoint (their log says where); "
+              f"the same command resumes", file=sys.stderr)
+        sys.exit(128 + int(err.sigval))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """Multi-process behaviour on CPU with gloo: DDP with per-process norm statistics, SyncBN, evaluation, launch."""
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 
 import pytest
@@ -216,6 +219,25 @@ def test_torchrun_job_writes_one_checkpoint_a_single_process_can_load(tiny_shape
     same = subprocess.run(train_command(tiny_shapes, tmp_path, "norm=mabn", "data.batch_per_gpu=4"),
                           capture_output=True, text=True, timeout=300)
     assert same.returncode == 2 and "was trained by 2 processes, this run has 1" in same.stderr, same.stderr[-2000:]
+
+
+def test_a_stop_signal_to_a_torchrun_job_checkpoints_every_rank_and_ends_in_one_line(tiny_shapes, tmp_path):
+    # As SLURM or `timeout` sends it: to every process of the job, torchrun's agent included.
+    overrides = train_command(tiny_shapes, tmp_path, "data.batch_per_gpu=2", "schedule.epochs=20", "data.workers=1",
+                              "train.checkpoint_every_steps=1")[3:]
+    proc = subprocess.Popen(_launch(free_port(), *overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.rglob("checkpoints/step-*.pt")):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint before the stop"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert output.rstrip().splitlines()[-1].startswith("stopped by signal 15: the ranks were asked to checkpoint")
+    assert "stop signal 15: checkpoint" in output and "Traceback" not in output, output[-3000:]
+    newest = max(tmp_path.rglob("checkpoints/step-*.pt"), key=lambda p: p.name)
+    assert torch.load(newest, weights_only=True)["world_size"] == 2
 
 
 @pytest.mark.parametrize("flags, named", [(["--cpu", "--gpus", "0"], "PROCS=0"), (["--gpus", "0"], "GPUS=0")])
