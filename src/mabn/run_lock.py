@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class RunDirInUse(ConfigError):
     def __init__(self, run_dir: pathlib.Path, holder: str):
         super().__init__(f"run dir {run_dir} is in use by {holder}: wait for it to finish, stop it (SIGTERM: it "
-                         f"checkpoints first), or set tag=... to run apart")
+                         f"checkpoints first), or set tag=-<name> to run apart")
         self.holder = holder
 
 
