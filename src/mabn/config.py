@@ -63,17 +63,15 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_schedule_and_optim(cfg)
     check_train(cfg)
     warmup = cfg.norm.get("options", {}).get("warmup")
-    if cfg.norm.name == "mabn" and warmup != "auto" and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
-        raise ConfigError(f"norm.options.warmup={warmup!r} is not valid; valid: auto, or an integer >= 0 (forwards)")
-    if cfg.train.nan_policy not in ("stop", "skip"):
-        raise ConfigError(f"train.nan_policy={cfg.train.nan_policy!r} is not valid; valid: stop, skip")
+    require("norm.options.warmup", warmup, cfg.norm.name != "mabn" or warmup == "auto" or (is_int(warmup) and warmup >= 0),
+            "auto, or an integer >= 0 (forwards)")
     for key, value, valid in (
+        ("train.nan_policy", cfg.train.nan_policy, ("stop", "skip")),
         ("data.loader", cfg.data.loader, LOADERS),
         ("data.input_format", cfg.data.input_format, INPUT_FORMATS),
         ("schedule.policy", cfg.schedule.policy, POLICIES),
     ):
-        if value not in valid:
-            raise ConfigError(f"{key}={value!r} is not valid; valid: {', '.join(valid)}")
+        require(key, value, value in valid, ", ".join(valid))
     resume = str(cfg.train.resume)
     if resume not in ("auto", "never") and not pathlib.Path(resume).is_file():
         raise ConfigError(f"train.resume={resume!r} is not a checkpoint file; valid: auto, never, or a path to a .pt file")
