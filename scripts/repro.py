@@ -30,7 +30,6 @@ import os
 import pathlib
 import queue
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -39,7 +38,7 @@ import time
 from hydra import compose, initialize_config_dir
 
 from mabn import run_lock
-from mabn.stop import stop_signals
+from mabn.stop import StopSignal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("figure", "real_b2", "ablations", "proposal", "third")
@@ -198,7 +197,15 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
     todo: queue.PriorityQueue = queue.PriorityQueue()
     queued, failed, lock, trained = set(), [], threading.Lock(), []
     children: dict[int, subprocess.Popen] = {}
-    stopped: list[int] = []
+
+    def pass_on(signum: int) -> None:
+        # In the main thread, which holds `lock` nowhere else: a lane holding it lets go at once.
+        with lock:
+            running = list(children.values())
+        for child in running:
+            child.send_signal(signum)
+
+    stop = StopSignal(on_signal=pass_on)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
 
@@ -220,7 +227,7 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                 rank, i, run, run_dir = todo.get_nowait()
             except queue.Empty:
                 return
-            if stopped:
+            if stop.received is not None:
                 return
             log_file = log_dir / f"{run_dir.name}.log"
             started, epochs_before = time.time(), epochs_done(run_dir)
@@ -228,14 +235,14 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
             cmd = [sys.executable, "-m", "mabn.train", *plan.overrides(run), "train.progress=false"]
             with open(log_file, "a") as log:
                 with lock:  # a stop signal is either seen here or passed on to this child
-                    if stopped:
+                    if stop.received is not None:
                         return
                     children[index] = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
                 code = children[index].wait()
                 with lock:
                     del children[index]
             minutes = (time.time() - started) / 60
-            if stopped and not (code == 0 and is_finished(run_dir)):
+            if stop.received is not None and not (code == 0 and is_finished(run_dir)):
                 print(f"[lane {index}] {i}/{len(queued)} stopped {run_dir.name} (exit {code}, {minutes:.1f} min)", flush=True)
                 return
             if code == 0 and is_finished(run_dir):
@@ -258,15 +265,7 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                 print(f"[lane {index}] {i}/{len(queued)} FAILED {run_dir.name} (exit {code}, {minutes:.1f} min; "
                       f"see {log_file})", flush=True)
 
-    def stop(signum, frame) -> None:
-        # In the main thread, which holds `lock` nowhere else: a lane holding it lets go at once.
-        with lock:
-            stopped.append(signum)
-            running = list(children.values())
-        for child in running:
-            child.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, stop) for sig in stop_signals()}
+    stop.install()
     workers = [threading.Thread(target=lane, args=(k + 1,)) for k in range(lanes)]
     try:
         for w in workers:
@@ -274,9 +273,8 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
         for w in workers:
             w.join()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    return len(failed), (stopped[0] if stopped else None)
+        stop.uninstall()
+    return len(failed), stop.received
 
 
 def parse_list(text: str, kind, valid=None, name="") -> list:

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 
 def stop_signals() -> list[signal.Signals]:
@@ -24,8 +25,10 @@ def stop_signals() -> list[signal.Signals]:
 @dataclass
 class StopSignal:
     """Set by a stop signal (`stop_signals`): finish the step, checkpoint, exit cleanly; then
-    `forward_to_previous_handler` lets submitit requeue the job."""
+    `forward_to_previous_handler` lets submitit requeue the job. `on_signal(signum)`, if given, runs in the
+    handler once the flag is set (`make repro`'s driver passes the signal on to its runs)."""
 
+    on_signal: Callable[[int], None] | None = None
     received: int | None = None
     previous: dict = field(default_factory=dict)
 
@@ -36,6 +39,8 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        if self.on_signal is not None:
+            self.on_signal(signum)
 
     def uninstall(self) -> None:
         for sig, handler in self.previous.items():
