@@ -67,10 +67,15 @@ def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path):
         assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
+def _tiny_runs(tiny_shapes, *overrides):
+    """The plan's runs on the tiny dataset: a narrow net at 24 px."""
+    return [f"data.root={tiny_shapes}", "data.generate=null", "data.crop_size=24", "data.val_resize=28",
+            "data.workers=0", "model.width=8", "data.val_batch_per_gpu=10", *overrides]
+
+
 def test_two_lanes_run_the_plan_archive_each_run_and_say_what_is_left(tiny_shapes, tmp_path):
     # The real-batch-2 part on the tiny dataset: 2 runs (MABN, BN), 40 micro-batches of 2 = 2 SGD steps each.
-    tiny = [f"data.root={tiny_shapes}", "data.generate=null", "data.crop_size=24", "data.val_resize=28", "data.workers=0",
-            "model.width=8", "schedule.epochs=1", "data.val_batch_per_gpu=10"]
+    tiny = _tiny_runs(tiny_shapes, "schedule.epochs=1")
     cmd = [sys.executable, "scripts/repro.py", "--only", "real_b2", "--seeds", "0", "--lanes", "2",
            "--output-root", str(tmp_path / "out"), "--archive", str(tmp_path / "archive"), *tiny]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -89,8 +94,7 @@ def test_two_lanes_run_the_plan_archive_each_run_and_say_what_is_left(tiny_shape
 def test_a_stop_signal_to_the_driver_alone_checkpoints_the_run_in_progress_and_starts_no_other(tiny_shapes, tmp_path):
     # `kill <pid of make repro's driver>`: the lanes' trainers used to train on, orphaned, and a rerun of the plan
     # then trained the same run dirs beside them.
-    tiny = [f"data.root={tiny_shapes}", "data.generate=null", "data.crop_size=24", "data.val_resize=28", "data.workers=0",
-            "model.width=8", "schedule.epochs=50", "data.val_batch_per_gpu=10", "train.checkpoint_every_steps=1"]
+    tiny = _tiny_runs(tiny_shapes, "schedule.epochs=50", "train.checkpoint_every_steps=1")
     cmd = [sys.executable, "scripts/repro.py", "--only", "real_b2", "--seeds", "0", "--lanes", "1",
            "--output-root", str(tmp_path / "out"), *tiny]
     driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
