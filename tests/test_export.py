@@ -8,20 +8,10 @@ import torchvision
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 
 from mabn.models import ExportError, export_backbone, load_backbone
-from mabn.models.export import checkpoint_of, trained_network
+from mabn.models.trained import checkpoint_of, load_trained
 from mabn.norms import CenConv2d, MABN2d
 
 from .conftest import ROOT, train_command
-
-
-@pytest.fixture(scope="module")
-def mabn_run(tiny_shapes, tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs")
-    cmd = train_command(tiny_shapes, out, "model=resnet18", "model.width=64", "norm=mabn", "norm.norm_batch=4",
-                        "norm.options.window=2", "norm.options.warmup=2", "data.crop_size=32", "data.val_resize=36")
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return next(p.parent for p in out.rglob("metrics.jsonl"))
 
 
 def _export(run_dir, out, *flags):
@@ -36,7 +26,7 @@ def test_exported_backbone_is_the_trained_network_in_torchvision_and_feeds_an_fp
     assert type(backbone) is torchvision.models.ResNet
     assert isinstance(backbone.layer1[0].bn1, MABN2d) and isinstance(backbone.conv1, CenConv2d)
     assert backbone.layer1[0].bn1.layer_name == "layer1.0.bn1"
-    ours, _ = trained_network(checkpoint_of(mabn_run))
+    ours = load_trained(checkpoint_of(mabn_run)).net
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = ours(x)

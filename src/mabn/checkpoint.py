@@ -26,6 +26,11 @@ def atomic_save(obj, path: pathlib.Path) -> None:
     _atomic_write(pathlib.Path(path), lambda f: torch.save(obj, f))
 
 
+def atomic_write_text(path: pathlib.Path, text: str) -> None:
+    """`atomic_save` for a text file (a report): whole or not at all."""
+    _atomic_write(pathlib.Path(path), lambda f: f.write(text.encode()))
+
+
 def _atomic_write(path: pathlib.Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:

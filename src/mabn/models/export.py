@@ -9,70 +9,36 @@ import pathlib
 
 import torch
 import torchvision
-from omegaconf import OmegaConf
 from torch import nn
 
 from .. import checkpoint as ckpt
-from ..config import norm_kwargs
 from ..convert import center_convs
 from ..fold import fold_norms
 from ..norms import name_norm_layers, norm_factory
+from .trained import RunError, checkpoint_of, load_trained
 
 FORMAT = "mabn-backbone/1"
 TORCHVISION_ARCHS = ("resnet18", "resnet50")
 
 
-class ExportError(ValueError):
+class ExportError(RunError):
     """A run or file that cannot be exported or loaded; one line naming what and why."""
-
-
-def checkpoint_of(run_dir: str | pathlib.Path) -> pathlib.Path:
-    """The run's best checkpoint (lowest val error), else its newest step checkpoint."""
-    run_dir = pathlib.Path(run_dir)
-    best = run_dir / "checkpoints" / "best.pt"
-    if best.is_file():
-        return best
-    steps = ckpt.CheckpointDir(run_dir).step_files() if (run_dir / "checkpoints").is_dir() else []
-    if not steps:
-        raise ExportError(f"{run_dir} has no checkpoints/best.pt or step checkpoint; pass a run dir of `python -m mabn.train`")
-    return steps[-1]
-
-
-def trained_network(path: pathlib.Path) -> tuple[nn.Module, dict]:
-    """Our ResNet from a training checkpoint, its running statistics replaced by the rank-averaged ones
-    that evaluation used (SPEC §1), and the keyword arguments that built it."""
-    from . import build_model
-
-    try:
-        state = ckpt.load(path)
-    except Exception as err:
-        raise ExportError(f"{path} cannot be loaded: {ckpt.describe_error(err)}") from None
-    cfg = OmegaConf.create(state["config"])
-    kwargs = state.get("model_kwargs")
-    if kwargs is None:  # checkpoints before model_kwargs were saved: schedules resolved for a 1-iteration run
-        num_classes = state["model"]["fc.weight"].shape[0]
-        kwargs = dict(arch=cfg.model.arch, norm=cfg.norm.name, num_classes=num_classes, width=cfg.model.width,
-                      stem=cfg.model.stem, centered_conv=cfg.norm.get("centered_conv"),
-                      zero_init_last_gamma=cfg.model.zero_init_last_gamma, **norm_kwargs(cfg.norm, 1))
-    if kwargs["arch"] not in TORCHVISION_ARCHS or kwargs["width"] != 64 or kwargs["stem"] != "imagenet":
-        raise ExportError(
-            f"{path}: model {kwargs['arch']} with width={kwargs['width']}, stem={kwargs['stem']} has no torchvision "
-            f"counterpart; valid: arch in {', '.join(TORCHVISION_ARCHS)} with width=64 and stem=imagenet"
-        )
-    net = build_model(**kwargs)
-    net.load_state_dict(state["model"])
-    buffers = dict(net.named_buffers())
-    with torch.no_grad():
-        for name, value in state.get("eval_running_stats", {}).items():
-            buffers[name].copy_(value)
-    return net.eval(), kwargs
 
 
 def export_backbone(run_dir: str | pathlib.Path, out: str | pathlib.Path, fold: bool = False,
                     checkpoint: str | pathlib.Path | None = None) -> dict:
     """Write the run's network (its best checkpoint unless `checkpoint` is given) to `out`; returns what was written."""
-    path = pathlib.Path(checkpoint) if checkpoint else checkpoint_of(run_dir)
-    net, kwargs = trained_network(path)
+    try:
+        path = pathlib.Path(checkpoint) if checkpoint else checkpoint_of(run_dir)
+        trained = load_trained(path)
+    except RunError as err:
+        raise ExportError(str(err)) from None
+    net, kwargs = trained.net, trained.kwargs
+    if kwargs["arch"] not in TORCHVISION_ARCHS or kwargs["width"] != 64 or kwargs["stem"] != "imagenet":
+        raise ExportError(
+            f"{path}: model {kwargs['arch']} with width={kwargs['width']}, stem={kwargs['stem']} has no torchvision "
+            f"counterpart; valid: arch in {', '.join(TORCHVISION_ARCHS)} with width=64 and stem=imagenet"
+        )
     centered = kwargs["centered_conv"] if kwargs["centered_conv"] is not None else kwargs["norm"] == "mabn"
     layer_kwargs = {k: v for k, v in kwargs.items()
                     if k not in ("arch", "norm", "num_classes", "width", "stem", "centered_conv", "zero_init_last_gamma")}
