@@ -251,7 +251,7 @@ def _handle_nonfinite(job, progress: Progress, loss: torch.Tensor) -> bool:
 def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool = False, channels_last: bool = False) -> dict:
     """Top-1/top-5 error over the whole val set: every rank scores its shard, the counts are summed."""
     model.eval()
-    counts = torch.zeros(4, dtype=torch.float64, device=info.device)  # correct@1, correct@5, seen, loss sum
+    counts = torch.zeros(4, dtype=torch.float64, device=info.device)
     with RankAveragedRunningStats(model, info):
         for images, labels, _ in loader:
             if labels.numel() == 0:
@@ -262,13 +262,24 @@ def evaluate(model: torch.nn.Module, loader, info: DistInfo, amp: bool = False, 
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(info.device, amp):
                 logits = model(x)
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
-            hits = top5 == y[:, None]
-            counts += torch.stack([
-                hits[:, 0].sum().double(), hits.any(1).sum().double(), torch.tensor(float(len(y)), device=info.device, dtype=torch.float64),
-                F.cross_entropy(logits.float(), y, reduction="sum").double(),
-            ])
+            counts += score(logits, y)
     all_reduce_sum(counts, info)
+    return error_rates(counts)
+
+
+def score(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """float64 (correct@1, correct@5, images, loss sum) of one batch, on the logits' device (no host sync)."""
+    top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    hits = top5 == labels[:, None]
+    return torch.stack([
+        hits[:, 0].sum().double(), hits.any(1).sum().double(),
+        torch.tensor(float(len(labels)), device=logits.device, dtype=torch.float64),
+        F.cross_entropy(logits.float(), labels, reduction="sum").double(),
+    ])
+
+
+def error_rates(counts: torch.Tensor) -> dict:
+    """The val_* record of summed `score` counts."""
     correct1, correct5, seen, loss_sum = counts.tolist()
     return dict(
         val_top1_err=100.0 * (1 - correct1 / max(seen, 1)), val_top5_err=100.0 * (1 - correct5 / max(seen, 1)),
