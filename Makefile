@@ -10,6 +10,7 @@ NORM ?=
 BS ?=
 EXP ?=
 RESUME ?=
+RUN ?=
 ARGS ?=
 GPUS ?= 1
 PROCS ?=
@@ -37,10 +38,11 @@ LAUNCH := $(LAUNCHER) --gpus $(GPUS) --
 endif
 
 
-.PHONY: help install train sweep table plot repro repro-report test test-slow bench gpu-check gpu-wheels test-gpu-torch tensorboard data clean-venv
+.PHONY: help install train eval sweep table plot repro repro-report test test-slow bench gpu-check gpu-wheels test-gpu-torch tensorboard data clean-venv
 
 help:
 	@echo "make train [NORM=bn|syncbn|gn|ln|in|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
+	@echo "make eval [RUN=outputs/train/<run>] [ARGS='--fold --crop-size 224 --root dir --out f.json']   score a checkpoint (default: the newest run)"
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
 	@echo "make table | make plot     results.md/.csv, figure.md, runs.md and the error-vs-batch plot of every run under outputs/"
 	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,proposal,third]   the paper's comparison on Imagenette"
@@ -58,6 +60,9 @@ $(INSTALLED): pyproject.toml
 
 train: $(INSTALLED)
 	$(LAUNCH) $(OVERRIDES)
+
+eval: $(INSTALLED)
+	$(PY) scripts/evaluate.py $(RUN) --outputs $(OUTPUTS) $(ARGS)
 
 sweep: $(INSTALLED)
 	$(PY) -m mabn.train --multirun norm=$(NORMS) data.batch_per_gpu=$(BATCHES) $(SWEEP_ARGS) $(ARGS)

@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Evaluate a trained run: top-1/top-5 error of its best checkpoint (or a given one) on its val set or another
+folder in the ImageNet layout, at its test resolution or another, optionally beside the same network with its
+norms folded into the convs.
+
+  python scripts/evaluate.py outputs/train/<run>                          # the run's best checkpoint, its val set
+  python scripts/evaluate.py outputs/train/<run> --fold                   # and the folded network: same predictions
+  python scripts/evaluate.py outputs/train/<run>/checkpoints/step-00004000.pt --crop-size 224 --val-resize 256
+  python scripts/evaluate.py outputs/train/<run> --root /data/imagenet-r --split val --out imagenet-r.json
+  make eval ARGS="--fold"                                                 # the newest run under outputs/
+  make eval RUN=outputs/train/<run> ARGS="--crop-size 224 --val-resize 256"
+
+A test folder's class folders must carry the run's class names (a subset is fine); labels follow the names.
+A new --crop-size alone keeps the run's resize/crop ratio (256/224). The running statistics are the
+rank-averaged ones the run's own evaluation used. Prints a table; --out also writes it as JSON (with the
+source commit).
+"""
+import argparse
+import json
+import logging
+import pathlib
+import sys
+
+from mabn.checkpoint import atomic_write_text
+from mabn.data import DatasetError
+from mabn.evaluation import DEVICES, EvalSettings, evaluate_checkpoint, newest_run, summary
+from mabn.models.trained import RunError
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", nargs="?", help="a run dir of `python -m mabn.train` (its best checkpoint) or a checkpoint "
+                        "file (default: the newest run under --outputs)")
+    parser.add_argument("--outputs", default="outputs", help="where to look for the newest run (default: outputs)")
+    parser.add_argument("--root", help="a folder holding <split>/<class>/* (default: the run's data.root)")
+    parser.add_argument("--split", default="val", help="the split folder under the root (default: val)")
+    parser.add_argument("--crop-size", type=int, help="center-crop size in px (default: the run's data.crop_size)")
+    parser.add_argument("--val-resize", type=int, help="shorter side before the crop (default: the run's ratio to the crop)")
+    parser.add_argument("--batch", type=int, default=100, help="images per forward pass (default: 100)")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes (default: 2)")
+    parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default: auto, a GPU if any)")
+    parser.add_argument("--amp", action="store_true", help="autocast to float16 (CUDA) / bfloat16 (CPU)")
+    parser.add_argument("--fold", action="store_true", help="also score the network with its norms folded into its convs")
+    parser.add_argument("--out", help="also write the result to this JSON file")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    settings = EvalSettings(root=args.root, split=args.split, crop_size=args.crop_size, val_resize=args.val_resize,
+                            batch=args.batch, workers=args.workers, device=args.device, amp=args.amp, fold=args.fold,
+                            progress=not args.no_progress)
+    try:
+        if args.out and pathlib.Path(args.out).is_dir():
+            raise RunError(f"--out {args.out} is a directory; valid: a file path such as {args.out}/eval.json")
+        run = args.run
+        if run is None:
+            run = newest_run(args.outputs)
+            print(f"the newest run under {args.outputs}/: {run}")
+        record = evaluate_checkpoint(run, settings)
+    except (RunError, DatasetError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(summary(record)))
+    if args.out:
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
