@@ -7,6 +7,7 @@ norms folded into the convs.
   python scripts/evaluate.py outputs/train/<run> --fold                   # and the folded network: same predictions
   python scripts/evaluate.py outputs/train/<run>/checkpoints/step-00004000.pt --crop-size 224 --val-resize 256
   python scripts/evaluate.py outputs/train/<run> --root /data/imagenet-r --split val --out imagenet-r.json
+  python scripts/evaluate.py outputs/train/<run> --precise-stats 8192     # and with re-estimated norm statistics
   make eval ARGS="--fold"                                                 # the newest run under outputs/
   make eval RUN=outputs/train/<run> ARGS="--crop-size 224 --val-resize 256"
 
@@ -41,12 +42,16 @@ def main() -> int:
     parser.add_argument("--device", default="auto", help=f"one of {', '.join(DEVICES)} (default: auto, a GPU if any)")
     parser.add_argument("--amp", action="store_true", help="autocast to float16 (CUDA) / bfloat16 (CPU)")
     parser.add_argument("--fold", action="store_true", help="also score the network with its norms folded into its convs")
+    parser.add_argument("--precise-stats", type=int, default=0, metavar="IMAGES",
+                        help="also score with the norms' statistics re-estimated on about this many training images "
+                        "with the final weights (PreciseBN; e.g. 8192; default 0: off)")
     parser.add_argument("--out", help="also write the result to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     settings = EvalSettings(root=args.root, split=args.split, crop_size=args.crop_size, val_resize=args.val_resize,
                             batch=args.batch, workers=args.workers, device=args.device, amp=args.amp, fold=args.fold,
+                            precise_images=args.precise_stats,
                             progress=not args.no_progress)
     try:
         if args.out and pathlib.Path(args.out).is_dir():

@@ -1,5 +1,6 @@
 """Evaluate a trained checkpoint on its val set or another folder, at its test resolution or another,
-optionally with its norms folded into the convs beside it (`scripts/evaluate.py`, `make eval`).
+optionally beside the same weights with re-estimated statistics (`mabn.precise_stats`) and with its norms
+folded into the convs (`scripts/evaluate.py`, `make eval`).
 
 Training evaluates each epoch at one resolution on one val set; a researcher then asks more of the
 same weights: the error at the test resolution of the paper's table (224 after training at 96), on
@@ -12,7 +13,9 @@ the names saved in the checkpoint), so a test set holding a subset of the classe
 and one whose folders are named otherwise (ImageNet-V2's `0..999`) is refused instead of scored
 against the wrong labels.
 """
+import itertools
 import logging
+import math
 import pathlib
 import time
 from dataclasses import dataclass
@@ -22,7 +25,7 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .data import DatasetError, resolve_root
+from .data import DatasetError, build_loaders, resolve_root
 from .data.folder import SeededImageFolder, class_names, collate_skipping_unreadable
 from .data.index import load_index
 from .data.samplers import EvalSampler
@@ -30,6 +33,7 @@ from .data.transforms import Augmentation, torchvision_transform
 from .engine import autocast, error_rates, score
 from .fold import eval_affine_defined, fold_norms
 from .models.trained import RunError, Trained, checkpoint_of, load_trained
+from .precise_stats import recompute_running_stats
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,6 +50,7 @@ class EvalSettings:
     device: str = "auto"
     amp: bool = False
     fold: bool = False
+    precise_images: int = 0  # > 0: also score with statistics re-estimated on about this many training images
     progress: bool = True
 
 
@@ -116,6 +121,9 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
         raise RunError(f"--batch {settings.batch} is not valid; valid: a positive integer")
     if settings.workers < 0:
         raise RunError(f"--workers {settings.workers} is not valid; valid: an integer >= 0")
+    if settings.precise_images < 0:
+        raise RunError(f"--precise-stats {settings.precise_images} is not valid; valid: a number of training images > 0 "
+                       "(0: off)")
     device = resolve_device(settings.device)
     trained = load_trained(checkpoint_path(run))
     crop, resize = sizes(trained, settings)
@@ -135,6 +143,9 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
                         collate_fn=collate_skipping_unreadable, pin_memory=device == "cuda")
 
     networks = {"trained": trained.net.to(device)}
+    precise = {}
+    if settings.precise_images:
+        networks["precise"], precise = precise_network(trained, settings, device)
     folded_norms = 0
     if settings.fold:
         networks["folded"] = fold_norms(trained.net)
@@ -170,6 +181,8 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
         images=images, unreadable=unreadable, seconds=round(seconds, 2),
         **{name: {k.removeprefix("val_"): v for k, v in r.items() if k != "val_images"} for name, r in results.items()},
     )
+    if precise:
+        record.update({f"precise_{k}": v for k, v in precise.items()})
     if settings.fold:
         record.update(folded_norms=folded_norms, max_abs_logit_diff=max_diff.item(),
                       predictions_agree=100.0 * agree.item() / max(images, 1))
@@ -177,6 +190,19 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
 
     record["source"] = source_version()
     return record
+
+
+def precise_network(trained: Trained, settings: EvalSettings, device: str) -> tuple[torch.nn.Module, dict]:
+    """The network with its statistics re-estimated (mabn.precise_stats) on the run's training images, batched
+    and augmented as the run trained (its N, its groups of b, its seed); and what was used."""
+    data = OmegaConf.merge(trained.config.data, dict(loader="torchvision", workers=settings.workers))
+    loaders = build_loaders(data, 0, 1, trained.config.seed, device)
+    loaders.set_epoch(0)
+    batch = data.batch_per_gpu
+    batches = min(math.ceil(settings.precise_images / batch), loaders.train_batches)
+    net, layers = recompute_running_stats(trained.net, itertools.islice(loaders.train, batches), device,
+                                          settings.progress)
+    return net, dict(images=batches * batch, batch=batch, layers=layers)
 
 
 def summary(record: dict) -> list[str]:
@@ -187,10 +213,14 @@ def summary(record: dict) -> list[str]:
         f"(resized to {record['val_resize']}), {record['device']}{' AMP' if record['amp'] else ''}, {record['seconds']:.0f} s",
         f"{'network':<8} {'top-1 err':>9} {'top-5 err':>9} {'loss':>7}",
     ]
-    for name in ("trained", "folded"):
+    for name in ("trained", "precise", "folded"):
         if name in record:
             r = record[name]
             lines.append(f"{name:<8} {r['top1_err']:>8.2f}% {r['top5_err']:>8.2f}% {r['loss']:>7.4f}")
+    if "precise" in record:
+        lines.append(f"precise: the statistics of {record['precise_layers']} norms re-estimated with the final weights, "
+                     f"equal weights over {record['precise_images']} training images in batches of "
+                     f"{record['precise_batch']} (train mode)")
     if "folded" in record:
         lines.append(f"folded: {record['folded_norms']} norms merged into their convs; max |logit difference| "
                      f"{record['max_abs_logit_diff']:.2e}; same prediction on {record['predictions_agree']:.2f}% of images")
