@@ -37,6 +37,7 @@ def test_a_run_scores_as_its_own_evaluation_did_and_its_folded_network_predicts_
     assert record["predictions_agree"] == 100.0 and record["max_abs_logit_diff"] < 1e-4
     assert record["folded"]["top1_err"] == record["trained"]["top1_err"]
     assert record["source"] and record["checkpoint"].endswith("best.pt") and record["crop_size"] == 32
+    assert record["trained_by"] == [last["source"]]
     assert "folded: 20 norms merged" in done.stdout and f"wrote {tmp_path / 'eval.json'}" in done.stdout
 
 

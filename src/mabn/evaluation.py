@@ -14,6 +14,7 @@ and one whose folders are named otherwise (ImageNet-V2's `0..999`) is refused in
 against the wrong labels.
 """
 import itertools
+import json
 import logging
 import math
 import pathlib
@@ -189,7 +190,23 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
     from .train import source_version  # the code that scored it, as a run records it
 
     record["source"] = source_version()
+    record["trained_by"] = training_sources(trained.path)
     return record
+
+
+def training_sources(checkpoint: pathlib.Path) -> list[str]:
+    """The commits that trained the run (its metrics.jsonl's `source`s, in order), where the run dir is at hand."""
+    metrics = checkpoint.parent.parent / "metrics.jsonl"
+    sources = []
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                source = json.loads(line).get("source")
+            except json.JSONDecodeError:
+                continue
+            if source and source not in sources:
+                sources.append(source)
+    return sources
 
 
 def precise_network(trained: Trained, settings: EvalSettings, device: str) -> tuple[torch.nn.Module, dict]:
