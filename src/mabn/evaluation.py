@@ -35,6 +35,7 @@ from .engine import autocast, error_rates, score
 from .fold import eval_affine_defined, fold_norms
 from .models.trained import RunError, Trained, checkpoint_of, load_trained
 from .precise_stats import recompute_running_stats
+from .train import source_version
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
@@ -117,7 +118,8 @@ def label_map(folder: list[str], trained: Trained, split_dir: pathlib.Path) -> t
 
 
 def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSettings()) -> dict:
-    """Score the run's network (and its folded copy) on `settings.root`/`settings.split`; returns the record."""
+    """Score the run's network (and its re-estimated and folded copies) on `settings.root`/`settings.split`;
+    returns the record."""
     if settings.batch < 1:
         raise RunError(f"--batch {settings.batch} is not valid; valid: a positive integer")
     if settings.workers < 0:
@@ -130,8 +132,29 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
     crop, resize = sizes(trained, settings)
     root = pathlib.Path(settings.root).expanduser() if settings.root else resolve_root(trained.config.data)
     split_dir = root / settings.split
+    loader, labels_of, classes = folder_loader(trained, split_dir, crop, resize, settings, device)
+
+    networks = {"trained": trained.net.to(device)}
+    record = dict(checkpoint=str(trained.path), step=trained.step, arch=trained.kwargs["arch"],
+                  norm=trained.kwargs["norm"], data=str(split_dir), classes=classes, crop_size=crop,
+                  val_resize=resize, device=device, amp=settings.amp)
+    if settings.precise_images:
+        networks["precise"], precise = precise_network(trained, settings, device)
+        record.update({f"precise_{k}": v for k, v in precise.items()})
+    if settings.fold:
+        networks["folded"] = fold_norms(trained.net)
+        norms = sum(eval_affine_defined(m) for m in trained.net.modules())
+        record["folded_norms"] = norms - sum(eval_affine_defined(m) for m in networks["folded"].modules())
+    record.update(score_networks(networks, loader, labels_of, device, settings))
+    record.update(source=source_version(), trained_by=training_sources(trained.path))
+    return record
+
+
+def folder_loader(trained: Trained, split_dir: pathlib.Path, crop: int, resize: int, settings: EvalSettings, device: str):
+    """The loader of `split_dir` at the run's test transform (resized, center-cropped), the run's label of each of
+    the folder's labels, and the folder's class count."""
     if not split_dir.is_dir():
-        raise DatasetError(f"{split_dir} does not exist; expected {root}/{settings.split}/<class>/*.JPEG")
+        raise DatasetError(f"{split_dir} does not exist; expected {split_dir}/<class>/*.JPEG")
     folder = class_names(split_dir)
     if not folder:
         raise DatasetError(f"{split_dir} holds no class folders; expected {split_dir}/<class>/*.JPEG")
@@ -142,55 +165,38 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
                                 substitute_unreadable=False)
     loader = DataLoader(dataset, settings.batch, sampler=EvalSampler(dataset, 0, 1), num_workers=settings.workers,
                         collate_fn=collate_skipping_unreadable, pin_memory=device == "cuda")
+    return loader, labels_of, len(folder)
 
-    networks = {"trained": trained.net.to(device)}
-    precise = {}
-    if settings.precise_images:
-        networks["precise"], precise = precise_network(trained, settings, device)
-    folded_norms = 0
-    if settings.fold:
-        networks["folded"] = fold_norms(trained.net)
-        norms = sum(eval_affine_defined(m) for m in trained.net.modules())
-        folded_norms = norms - sum(eval_affine_defined(m) for m in networks["folded"].modules())
+
+@torch.no_grad()
+def score_networks(networks: dict, loader, labels_of: torch.Tensor, device: str, settings: EvalSettings) -> dict:
+    """Every network on the same batches: their error rates, and how far the folded one is from the trained one."""
     counts = {name: torch.zeros(4, dtype=torch.float64, device=device) for name in networks}
     max_diff = torch.zeros((), dtype=torch.float64, device=device)
     agree = torch.zeros((), dtype=torch.float64, device=device)
     unreadable = 0
     started = time.perf_counter()
-    with torch.no_grad():
-        for images, labels, skipped in tqdm(loader, desc=f"evaluating {split_dir}", unit="batch",
-                                            disable=not settings.progress):
-            unreadable += skipped
-            if labels.numel() == 0:
-                continue
-            x = images.to(device, non_blocking=True)
-            y = labels_of[labels.to(device, non_blocking=True)]
-            logits = {}
-            for name, net in networks.items():
-                with autocast(device, settings.amp):
-                    logits[name] = net(x).float()
-                counts[name] += score(logits[name], y)
-            if settings.fold:
-                max_diff = torch.maximum(max_diff, (logits["folded"] - logits["trained"]).abs().max().double())
-                agree += (logits["folded"].argmax(1) == logits["trained"].argmax(1)).sum().double()
-    seconds = time.perf_counter() - started
+    for images, labels, skipped in tqdm(loader, desc="evaluating", unit="batch", disable=not settings.progress):
+        unreadable += skipped
+        if labels.numel() == 0:
+            continue
+        x = images.to(device, non_blocking=True)
+        y = labels_of[labels.to(device, non_blocking=True)]
+        logits = {}
+        for name, net in networks.items():
+            with autocast(device, settings.amp):
+                logits[name] = net(x).float()
+            counts[name] += score(logits[name], y)
+        if "folded" in logits:
+            max_diff = torch.maximum(max_diff, (logits["folded"] - logits["trained"]).abs().max().double())
+            agree += (logits["folded"].argmax(1) == logits["trained"].argmax(1)).sum().double()
     results = {name: error_rates(c) for name, c in counts.items()}
     images = results["trained"]["val_images"]
-    record = dict(
-        checkpoint=str(trained.path), step=trained.step, arch=trained.kwargs["arch"], norm=trained.kwargs["norm"],
-        data=str(split_dir), classes=len(folder), crop_size=crop, val_resize=resize, device=device, amp=settings.amp,
-        images=images, unreadable=unreadable, seconds=round(seconds, 2),
-        **{name: {k.removeprefix("val_"): v for k, v in r.items() if k != "val_images"} for name, r in results.items()},
-    )
-    if precise:
-        record.update({f"precise_{k}": v for k, v in precise.items()})
-    if settings.fold:
-        record.update(folded_norms=folded_norms, max_abs_logit_diff=max_diff.item(),
-                      predictions_agree=100.0 * agree.item() / max(images, 1))
-    from .train import source_version  # the code that scored it, as a run records it
-
-    record["source"] = source_version()
-    record["trained_by"] = training_sources(trained.path)
+    record = dict(images=images, unreadable=unreadable, seconds=round(time.perf_counter() - started, 2),
+                  **{name: {k.removeprefix("val_"): v for k, v in r.items() if k != "val_images"}
+                     for name, r in results.items()})
+    if "folded" in networks:
+        record.update(max_abs_logit_diff=max_diff.item(), predictions_agree=100.0 * agree.item() / max(images, 1))
     return record
 
 
