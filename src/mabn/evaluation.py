@@ -127,6 +127,7 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
     if settings.precise_images < 0:
         raise RunError(f"--precise-stats {settings.precise_images} is not valid; valid: a number of training images > 0 "
                        "(0: off)")
+    source = source_version()  # now: the code imported is the checkout's at the start, not at the end
     device = resolve_device(settings.device)
     trained = load_trained(checkpoint_path(run))
     crop, resize = sizes(trained, settings)
@@ -146,7 +147,7 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
         norms = sum(eval_affine_defined(m) for m in trained.net.modules())
         record["folded_norms"] = norms - sum(eval_affine_defined(m) for m in networks["folded"].modules())
     record.update(score_networks(networks, loader, labels_of, device, settings))
-    record.update(source=source_version(), trained_by=training_sources(trained.path))
+    record.update(source=source, trained_by=training_sources(trained.path))
     return record
 
 
