@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Evaluate a trained run: top-1/top-5 error of its best checkpoint (or a given one) on its val set or another
-folder in the ImageNet layout, at its test resolution or another, optionally beside the same network with its
-norms folded into the convs.
+folder in the ImageNet layout, at its test resolution or another, optionally beside the same weights with
+re-estimated norm statistics (--precise-stats) and with the norms folded into the convs (--fold).
 
   python scripts/evaluate.py outputs/train/<run>                          # the run's best checkpoint, its val set
   python scripts/evaluate.py outputs/train/<run> --fold                   # and the folded network: same predictions
