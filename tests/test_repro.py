@@ -55,16 +55,19 @@ def test_archived_runs_count_as_done_and_a_spread_over_2_points_plans_a_third_se
     assert due == [((0, 1, 1), [*bn32, "seed=2"])]  # ranked after the figure's planned runs
 
 
-def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path):
+def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path, monkeypatch):
     out = subprocess.run([sys.executable, "scripts/repro.py", "--list", "--only", "real_b2", "--seeds", "3",
                           "--output-root", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "2 planned runs, 0 finished" in out.stdout and "todo  imagenette64-resnet18_cpu-mabn-b2-n2-s3" in out.stdout
+    # The bad ones in process (Python prints a SystemExit's message as the one line on stderr, exit status 1).
     for args, message in ((["--only", "figures"], "--only='figures' is not valid"), (["--seeds", "a"], "--seeds='a' is not valid"),
                           (["--experiment", "nope"], "--experiment='nope' is not valid")):
-        bad = subprocess.run([sys.executable, "scripts/repro.py", "--list", *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=120)
-        assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+        monkeypatch.setattr(sys, "argv", ["repro.py", "--list", "--output-root", str(tmp_path), *args])
+        with pytest.raises(SystemExit) as stopped:
+            repro.main()
+        assert str(stopped.value).startswith(f"error: {message}") and "\n" not in str(stopped.value)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def _tiny_runs(tiny_shapes, *overrides):
