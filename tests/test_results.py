@@ -78,7 +78,12 @@ def test_a_row_whose_runs_are_not_seeds_of_one_setting_is_flagged(sweep_dir, tmp
                         "- shapes10/resnet18_cpu/1/bn/8/8: seeds 0, 1 appear in more than one run dir"]
 
 
-def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
+def _main(script, monkeypatch, *argv) -> None:
+    monkeypatch.setattr(sys, "argv", [f"{script.__name__}.py", *map(str, argv)])
+    script.main()
+
+
+def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path, monkeypatch, capsys):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), str(sweep_dir), "--out", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -94,28 +99,23 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path):
     every_run = (tmp_path / "runs.md").read_text().splitlines()[2:]
     assert len(every_run) == 9 and sum("| unfinished |" in line for line in every_run) == 1
     assert all(line.rstrip(" |").rsplit("| ", 1)[1] not in ("", "-", "unrecorded") for line in every_run if "-s7" not in line)
-    plot = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_results.py"), "error-vs-batch", str(sweep_dir),
-                           "--out", str(tmp_path / "evb.png"), "--paper"], capture_output=True, text=True, timeout=120)
-    assert plot.returncode == 0, plot.stderr
+    # The plotting scripts in process (one matplotlib import instead of five interpreters).
+    plot_results, plot_batch_stats = load_script("plot_results"), load_script("plot_batch_stats")
+    _main(plot_results, monkeypatch, "error-vs-batch", sweep_dir, "--out", tmp_path / "evb.png", "--paper")
     runs = sorted((sweep_dir / "train").glob("*-s0"))
-    curves = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_results.py"), "curves", *map(str, runs),
-                             "--out", str(tmp_path / "curves.png")], capture_output=True, text=True, timeout=120)
-    assert curves.returncode == 0, curves.stderr
-    stats = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *map(str, runs[:2]),
-                            "--out", str(tmp_path / "stats.png")], capture_output=True, text=True, timeout=120)
-    assert stats.returncode == 0, stats.stderr
-    assert "std Psi_B" in stats.stdout and stats.stdout.count("| bn1 |") == 2
-    assert all(" s0 |" in line for line in stats.stdout.splitlines() if line.startswith("| bn1 |"))  # seeds told apart
+    _main(plot_results, monkeypatch, "curves", *runs, "--out", tmp_path / "curves.png")
+    capsys.readouterr()
+    _main(plot_batch_stats, monkeypatch, *runs[:2], "--out", tmp_path / "stats.png")
+    stats = capsys.readouterr().out
+    assert "std Psi_B" in stats and stats.count("| bn1 |") == 2
+    assert all(" s0 |" in line for line in stats.splitlines() if line.startswith("| bn1 |"))  # seeds told apart
     mabn = [r for r in runs if "-mabn-" in r.name]
-    lag = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), *map(str, runs[:1] + mabn),
-                          "--out", str(tmp_path / "lag.png"), "--lag-windows", "0,2,4"], capture_output=True, text=True,
-                         timeout=120)
-    assert lag.returncode == 0, lag.stderr
-    rows = [line for line in lag.stdout.split("used/own - 1", 1)[1].splitlines() if line.startswith("| bn1 |")]
+    _main(plot_batch_stats, monkeypatch, *runs[:1], *mabn, "--out", tmp_path / "lag.png", "--lag-windows", "0,2,4")
+    lag = capsys.readouterr().out
+    rows = [line for line in lag.split("used/own - 1", 1)[1].splitlines() if line.startswith("| bn1 |")]
     assert len(rows) == len(mabn) == 2 and all(row.count("(n=2)") == 2 for row in rows)  # steps 0-1 and 2-3; no BN row
-    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_batch_stats.py"), str(mabn[0]), "--lag-windows", "5,2"],
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and bad.stderr.strip().startswith("error: --lag-windows='5,2' is not valid")
+    with pytest.raises(SystemExit, match=r"^error: --lag-windows='5,2' is not valid"):
+        _main(plot_batch_stats, monkeypatch, mabn[0], "--lag-windows", "5,2")
     for png in ("evb.png", "curves.png", "stats.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
