@@ -35,6 +35,9 @@ def main() -> int:
     parser.add_argument("--outputs", default="outputs", help="where to look for the newest run (default: outputs)")
     parser.add_argument("--root", help="a folder holding <split>/<class>/* (default: the run's data.root)")
     parser.add_argument("--split", default="val", help="the split folder under the root (default: val)")
+    parser.add_argument("--folder-classes-only", action="store_true",
+                        help="predict among the folder's classes only (ImageNet-A/-R's protocol for their 200-class "
+                        "subsets; default: among all of the run's classes)")
     parser.add_argument("--crop-size", type=int, help="center-crop size in px (default: the run's data.crop_size)")
     parser.add_argument("--val-resize", type=int, help="shorter side before the crop (default: the run's ratio to the crop)")
     parser.add_argument("--batch", type=int, default=100, help="images per forward pass (default: 100)")
@@ -51,6 +54,7 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     settings = EvalSettings(root=args.root, split=args.split, crop_size=args.crop_size, val_resize=args.val_resize,
                             batch=args.batch, workers=args.workers, device=args.device, amp=args.amp, fold=args.fold,
+                            folder_classes_only=args.folder_classes_only,
                             precise_images=args.precise_stats,
                             progress=not args.no_progress)
     try:

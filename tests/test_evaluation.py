@@ -70,6 +70,13 @@ def test_a_folder_with_some_of_the_classes_is_scored_against_the_runs_labels(mab
     assert record["images"] == len(labels) == 6 and record["classes"] == 2
     assert record["trained"]["loss"] == pytest.approx(expected, rel=1e-5)
 
+    # ImageNet-A/-R's protocol: the prediction is made among the folder's classes only.
+    only = evaluate_checkpoint(mabn_run, EvalSettings(root=str(root), folder_classes_only=True, **QUIET))
+    among_two = logits[:, 7:9]
+    assert only["trained"]["loss"] == pytest.approx(F.cross_entropy(among_two, torch.tensor(labels) - 7).item(), rel=1e-5)
+    wrong = (among_two.argmax(1) != torch.tensor(labels) - 7).double().mean().item()
+    assert only["trained"]["top1_err"] == pytest.approx(100 * wrong) and only["folder_classes_only"]
+
 
 def test_folders_named_otherwise_are_refused(mabn_run, tiny_shapes, tmp_path):
     trained = load_trained(checkpoint_of(mabn_run))

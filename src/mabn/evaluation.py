@@ -52,6 +52,7 @@ class EvalSettings:
     device: str = "auto"
     amp: bool = False
     fold: bool = False
+    folder_classes_only: bool = False  # predict among the folder's classes only (ImageNet-A/-R's protocol)
     precise_images: int = 0  # > 0: also score with statistics re-estimated on about this many training images
     progress: bool = True
 
@@ -138,7 +139,7 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
     networks = {"trained": trained.net.to(device)}
     record = dict(checkpoint=str(trained.path), step=trained.step, arch=trained.kwargs["arch"],
                   norm=trained.kwargs["norm"], data=str(split_dir), classes=classes, crop_size=crop,
-                  val_resize=resize, device=device, amp=settings.amp)
+                  val_resize=resize, device=device, amp=settings.amp, folder_classes_only=settings.folder_classes_only)
     if settings.precise_images:
         networks["precise"], precise = precise_network(trained, settings, device)
         record.update({f"precise_{k}": v for k, v in precise.items()})
@@ -182,11 +183,14 @@ def score_networks(networks: dict, loader, labels_of: torch.Tensor, device: str,
         if labels.numel() == 0:
             continue
         x = images.to(device, non_blocking=True)
-        y = labels_of[labels.to(device, non_blocking=True)]
+        labels = labels.to(device, non_blocking=True)
+        y = labels if settings.folder_classes_only else labels_of[labels]
         logits = {}
         for name, net in networks.items():
             with autocast(device, settings.amp):
                 logits[name] = net(x).float()
+            if settings.folder_classes_only:  # the logits of the folder's classes, in the folder's label order
+                logits[name] = logits[name][:, labels_of]
             counts[name] += score(logits[name], y)
         if "folded" in logits:
             max_diff = torch.maximum(max_diff, (logits["folded"] - logits["trained"]).abs().max().double())
