@@ -5,8 +5,8 @@ folded into the convs (`scripts/evaluate.py`, `make eval`).
 Training evaluates each epoch at one resolution on one val set; a researcher then asks more of the
 same weights: the error at the test resolution of the paper's table (224 after training at 96), on
 another test set in the ImageNet layout, or of the deployed network whose norms are folded into its
-convs (SPEC §2), which must score as the trained one does. Both networks see the same decoded
-batches, so their logits can be compared image by image.
+convs (SPEC §2), which must score as the trained one does. All the networks scored see the same
+decoded batches, so their logits can be compared image by image.
 
 Labels follow class *names*: a folder's classes are mapped onto the run's by name (checked against
 the names saved in the checkpoint), so a test set holding a subset of the classes scores correctly,
@@ -128,7 +128,7 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
     if settings.precise_images < 0:
         raise RunError(f"--precise-stats {settings.precise_images} is not valid; valid: a number of training images > 0 "
                        "(0: off)")
-    source = source_version()  # now: the code imported is the checkout's at the start, not at the end
+    source = source_version()  # at the start: the code running is the checkout's as it was then
     device = resolve_device(settings.device)
     trained = load_trained(checkpoint_path(run))
     crop, resize = sizes(trained, settings)
