@@ -185,7 +185,7 @@ class Job:
                 rng=ckpt.rng_state(),
                 config=OmegaConf.to_yaml(self.cfg, resolve=True),
                 eval_running_stats=eval_running_stats,
-                classes=list(self.loaders.classes),  # label order, checked by mabn.evaluate on other data
+                classes=list(self.loaders.classes),  # label order, which mabn.evaluation maps other folders onto
                 world_size=self.info.world_size,
                 model_kwargs=self.model_kwargs,  # the resolved schedules (warmup, BRN t0...), for export
             )
