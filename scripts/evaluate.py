@@ -8,6 +8,7 @@ re-estimated norm statistics (--precise-stats) and with the norms folded into th
   python scripts/evaluate.py outputs/train/<run>/checkpoints/step-00004000.pt --crop-size 224 --val-resize 256
   python scripts/evaluate.py outputs/train/<run> --root /data/imagenet-r --split val --out imagenet-r.json
   python scripts/evaluate.py outputs/train/<run> --precise-stats 8192     # and with re-estimated norm statistics
+  python scripts/evaluate.py outputs/train/<run> --precise-stats 32768 --precise-average ema   # training's estimator replayed
   make eval ARGS="--fold"                                                 # the newest run under outputs/
   make eval RUN=outputs/train/<run> ARGS="--crop-size 224 --val-resize 256"
 
@@ -48,6 +49,12 @@ def main() -> int:
     parser.add_argument("--precise-stats", type=int, default=0, metavar="IMAGES",
                         help="also score with the norms' statistics re-estimated on about this many training images "
                         "with the final weights (PreciseBN; e.g. 8192; default 0: off)")
+    parser.add_argument("--precise-average", default="equal",
+                        help="equal: each batch's estimate weighs the same (default); ema: the layers' own moving "
+                        "averages replayed from the trained values (give enough images to forget those)")
+    parser.add_argument("--precise-epoch", type=int, default=0, metavar="E",
+                        help="take the re-estimation's images in training epoch E's order and augmentation "
+                        "(default 0; another E: another draw)")
     parser.add_argument("--out", help="also write the result to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()
@@ -55,7 +62,8 @@ def main() -> int:
     settings = EvalSettings(root=args.root, split=args.split, crop_size=args.crop_size, val_resize=args.val_resize,
                             batch=args.batch, workers=args.workers, device=args.device, amp=args.amp, fold=args.fold,
                             folder_classes_only=args.folder_classes_only,
-                            precise_images=args.precise_stats,
+                            precise_images=args.precise_stats, precise_average=args.precise_average,
+                            precise_epoch=args.precise_epoch,
                             progress=not args.no_progress)
     try:
         if args.out and pathlib.Path(args.out).is_dir():

@@ -1,6 +1,7 @@
 """Re-estimated inference statistics (mabn.precise_stats): equal-weight averages of each layer's own per-batch
 estimate, computed with the final weights in training mode, on a copy of the network."""
 import copy
+import subprocess
 
 import pytest
 import torch
@@ -10,7 +11,21 @@ from mabn.evaluation import EvalSettings, evaluate_checkpoint
 from mabn.norms import build_norm
 from mabn.precise_stats import recompute_running_stats
 
+from .conftest import ROOT, train_command
+
 STATS = ("running_mean", "running_var", "running_std")
+
+
+@pytest.fixture(scope="module")
+def brn_run(tiny_shapes, tmp_path_factory):
+    """A finished BRN run in groups of 2 whose r and d are at their final limits from the first step."""
+    out = tmp_path_factory.mktemp("brn")
+    cmd = train_command(tiny_shapes, out, "norm=brn", "norm.norm_batch=2", "norm.options.momentum=0.5",
+                        "norm.options.min_t0=0", "norm.options.t0_frac=0", "norm.options.r_ramp_frac=0",
+                        "norm.options.d_ramp_frac=0")
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return next(p.parent for p in out.rglob("metrics.jsonl"))
 
 
 def _net(norm: str, **kwargs) -> nn.Sequential:
@@ -35,8 +50,9 @@ def _stats(net: nn.Module) -> dict:
 def test_each_statistic_is_the_equal_weight_average_of_the_layers_own_per_batch_estimates(norm, kwargs):
     net = _net(norm, **kwargs)
     before = copy.deepcopy(net.state_dict())
-    precise, layers = recompute_running_stats(net, _batches(), "cpu", progress=False)
+    precise, layers, clips = recompute_running_stats(net, _batches(), "cpu", progress=False)
     assert layers == 2 and not precise.training
+    assert (clips is None) == (norm != "brn")
 
     # Reference: each batch's own estimate, read off a copy whose update replaces its statistics, which are put
     # back to the trained ones after every batch (what the next batch normalizes with); averaged by hand.
@@ -62,7 +78,7 @@ def test_each_statistic_is_the_equal_weight_average_of_the_layers_own_per_batch_
 
 def test_bn_statistics_match_a_float64_hand_computation_over_groups_and_batches():
     net = _net("bn", norm_batch=2)
-    precise, _ = recompute_running_stats(net, _batches(k=3, n=4), "cpu", progress=False)
+    precise, _, _ = recompute_running_stats(net, _batches(k=3, n=4), "cpu", progress=False)
     conv = net[0]
     means, variances = [], []
     with torch.no_grad():
@@ -76,7 +92,7 @@ def test_bn_statistics_match_a_float64_hand_computation_over_groups_and_batches(
 
 def test_norms_without_statistics_are_left_as_they_are():
     net = _net("gn", num_groups=2)
-    precise, layers = recompute_running_stats(net, _batches(k=2), "cpu", progress=False)
+    precise, layers, _ = recompute_running_stats(net, _batches(k=2), "cpu", progress=False)
     assert layers == 0
     x = _batches(k=1)[0][0]
     torch.testing.assert_close(precise(x), net.eval()(x), rtol=0, atol=0)
@@ -90,3 +106,31 @@ def test_evaluate_scores_the_reestimated_network_beside_the_trained_one(mabn_run
     assert evaluate_checkpoint(mabn_run, settings)["precise"] == record["precise"]  # seeded: the same images
     with pytest.raises(ValueError, match="--precise-stats -1 is not valid"):
         evaluate_checkpoint(mabn_run, EvalSettings(workers=0, progress=False, precise_images=-1))
+
+
+def test_ema_replays_the_layers_own_moving_average_from_the_trained_values():
+    net = _net("bn", norm_batch=2)
+    net[1].momentum = 0.3
+    with torch.no_grad():
+        net[1].running_mean.fill_(5.0)  # a trained value far from the data's: the replay must start from it
+    precise, layers, _ = recompute_running_stats(net, _batches(k=3, n=4), "cpu", progress=False, average="ema")
+    expected = net[1].running_mean.clone()
+    with torch.no_grad():
+        for images, _, _ in _batches(k=3, n=4):
+            groups = net[0](images).split(2)
+            expected = 0.7 * expected + 0.3 * torch.stack([g.mean(dim=(0, 2, 3)) for g in groups]).mean(0)
+    torch.testing.assert_close(precise[1].running_mean, expected, rtol=1e-12, atol=1e-12)
+    equal, _, _ = recompute_running_stats(net, _batches(k=3, n=4), "cpu", progress=False)
+    assert (equal[1].running_mean - expected).abs().min() > 0.1  # the trained 5.0 still weighs 0.7^3 in the replay
+    with pytest.raises(ValueError, match="average='mean' is not valid; valid: equal, ema"):
+        recompute_running_stats(net, _batches(k=1), "cpu", progress=False, average="mean")
+
+
+def test_evaluate_counts_brns_clipped_r_and_d_in_the_reestimation_pass(brn_run):
+    record = evaluate_checkpoint(brn_run, EvalSettings(workers=0, progress=False, device="cpu", precise_images=16))
+    clips = record["precise_renorm_clips"]
+    assert clips["pairs"] == sum(layer["pairs"] for layer in clips["layers"].values()) > 0
+    assert 0 < clips["r"] < 1
+    other = evaluate_checkpoint(brn_run, EvalSettings(workers=0, progress=False, device="cpu", precise_images=16,
+                                                      precise_epoch=1))
+    assert other["precise"] != record["precise"]  # another epoch's order and augmentation: another draw

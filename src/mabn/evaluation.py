@@ -34,7 +34,7 @@ from .data.transforms import Augmentation, torchvision_transform
 from .engine import autocast, error_rates, score
 from .fold import eval_affine_defined, fold_norms
 from .models.trained import RunError, Trained, checkpoint_of, load_trained
-from .precise_stats import recompute_running_stats
+from .precise_stats import AVERAGES, recompute_running_stats
 from .train import source_version
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class EvalSettings:
     fold: bool = False
     folder_classes_only: bool = False  # predict among the folder's classes only (ImageNet-A/-R's protocol)
     precise_images: int = 0  # > 0: also score with statistics re-estimated on about this many training images
+    precise_average: str = "equal"  # or "ema": the layers' own moving averages replayed (mabn.precise_stats)
+    precise_epoch: int = 0  # the training epoch whose order and augmentation the re-estimation's images follow
     progress: bool = True
 
 
@@ -128,6 +130,10 @@ def evaluate_checkpoint(run: str | pathlib.Path, settings: EvalSettings = EvalSe
     if settings.precise_images < 0:
         raise RunError(f"--precise-stats {settings.precise_images} is not valid; valid: a number of training images > 0 "
                        "(0: off)")
+    if settings.precise_average not in AVERAGES:
+        raise RunError(f"--precise-average {settings.precise_average!r} is not valid; valid: {', '.join(AVERAGES)}")
+    if settings.precise_epoch < 0:
+        raise RunError(f"--precise-epoch {settings.precise_epoch} is not valid; valid: an epoch number >= 0")
     source = source_version()  # at the start: the code running is the checkout's as it was then
     device = resolve_device(settings.device)
     trained = load_trained(checkpoint_path(run))
@@ -225,12 +231,14 @@ def precise_network(trained: Trained, settings: EvalSettings, device: str) -> tu
     and augmented as the run trained (its N, its groups of b, its seed); and what was used."""
     data = OmegaConf.merge(trained.config.data, dict(loader="torchvision", workers=settings.workers))
     loaders = build_loaders(data, 0, 1, trained.config.seed, device)
-    loaders.set_epoch(0)
+    loaders.set_epoch(settings.precise_epoch)
     batch = data.batch_per_gpu
     batches = min(math.ceil(settings.precise_images / batch), loaders.train_batches)
-    net, layers = recompute_running_stats(trained.net, itertools.islice(loaders.train, batches), device,
-                                          settings.progress)
-    return net, dict(images=batches * batch, batch=batch, layers=layers)
+    net, layers, clips = recompute_running_stats(trained.net, itertools.islice(loaders.train, batches), device,
+                                                 settings.progress, settings.precise_average)
+    used = dict(images=batches * batch, batch=batch, layers=layers, average=settings.precise_average,
+                epoch=settings.precise_epoch)
+    return net, used if clips is None else dict(used, renorm_clips=clips)
 
 
 def summary(record: dict) -> list[str]:
@@ -246,9 +254,14 @@ def summary(record: dict) -> list[str]:
             r = record[name]
             lines.append(f"{name:<8} {r['top1_err']:>8.2f}% {r['top5_err']:>8.2f}% {r['loss']:>7.4f}")
     if "precise" in record:
+        how = "equal weights" if record["precise_average"] == "equal" else "their own moving averages"
         lines.append(f"precise: the statistics of {record['precise_layers']} norms re-estimated with the final weights, "
-                     f"equal weights over {record['precise_images']} training images in batches of "
-                     f"{record['precise_batch']} (train mode)")
+                     f"{how} over {record['precise_images']} training images of epoch {record['precise_epoch']} in "
+                     f"batches of {record['precise_batch']} (train mode)")
+        if "precise_renorm_clips" in record:
+            clips = record["precise_renorm_clips"]
+            lines.append(f"in those forwards BRN's r was clipped in {100 * clips['r']:.2f}% and d in {100 * clips['d']:.2f}% "
+                         f"of {clips['pairs']} (group, channel) statistics")
     if "folded" in record:
         lines.append(f"folded: {record['folded_norms']} norms merged into their convs; max |logit difference| "
                      f"{record['max_abs_logit_diff']:.2e}; same prediction on {record['predictions_agree']:.2f}% of images")

@@ -69,9 +69,13 @@ class BatchRenorm2d(nn.Module):
     def renorm_factors(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(r, d) per (group, channel), clipped to the schedule's limits (held constant in the backward)."""
         r_max, d_max = self.clip_limits()
-        r = torch.minimum(torch.maximum(std / self.running_std, 1 / r_max), r_max)
-        d = torch.minimum(torch.maximum((mean - self.running_mean) / self.running_std, -d_max), d_max)
-        return r, d
+        r, d = self.unclipped_factors(mean, std)
+        return torch.minimum(torch.maximum(r, 1 / r_max), r_max), torch.minimum(torch.maximum(d, -d_max), d_max)
+
+    def unclipped_factors(self, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(r, d) before clipping: the groups' statistics measured against the running ones. While both are
+        inside their limits, the training output is the eval-mode op on the running statistics."""
+        return std / self.running_std, (mean - self.running_mean) / self.running_std
 
     def eval_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(scale, shift) per channel of the eval-mode op y = scale * x + shift."""
