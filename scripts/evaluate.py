@@ -8,7 +8,7 @@ re-estimated norm statistics (--precise-stats) and with the norms folded into th
   python scripts/evaluate.py outputs/train/<run>/checkpoints/step-00004000.pt --crop-size 224 --val-resize 256
   python scripts/evaluate.py outputs/train/<run> --root /data/imagenet-r --split val --out imagenet-r.json
   python scripts/evaluate.py outputs/train/<run> --precise-stats 8192     # and with re-estimated norm statistics
-  python scripts/evaluate.py outputs/train/<run> --precise-stats 32768 --precise-average ema   # training's estimator replayed
+  python scripts/evaluate.py outputs/train/<run> --precise-stats 32768 --precise-epoch 1   # another draw, more images
   make eval ARGS="--fold"                                                 # the newest run under outputs/
   make eval RUN=outputs/train/<run> ARGS="--crop-size 224 --val-resize 256"
 
@@ -49,12 +49,14 @@ def main() -> int:
     parser.add_argument("--precise-stats", type=int, default=0, metavar="IMAGES",
                         help="also score with the norms' statistics re-estimated on about this many training images "
                         "with the final weights (PreciseBN; e.g. 8192; default 0: off)")
-    parser.add_argument("--precise-average", default="equal",
-                        help="equal: each batch's estimate weighs the same (default); ema: the layers' own moving "
-                        "averages replayed from the trained values (give enough images to forget those)")
+    parser.add_argument("--precise-average", default="auto",
+                        help="equal: each batch's estimate weighs the same, the statistics held at the trained values "
+                        "(PreciseBN; exact for BN); ema: the layers' own moving averages replayed from the trained "
+                        "values, all layers together (give enough images to forget those); auto (default): ema with "
+                        "BRN or MABN layers, whose training forward normalizes by their running statistics, else equal")
     parser.add_argument("--precise-epoch", type=int, default=0, metavar="E",
-                        help="take the re-estimation's images in training epoch E's order and augmentation "
-                        "(default 0; another E: another draw)")
+                        help="take the re-estimation's images in training epoch E's order and augmentation, "
+                        "and the next epochs' when more are asked for (default 0; another E: another draw)")
     parser.add_argument("--out", help="also write the result to this JSON file")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args()

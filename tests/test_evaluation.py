@@ -107,7 +107,7 @@ def test_a_checkpoint_without_class_names_is_scored_when_the_count_matches(mabn_
     (dict(batch=0), "--batch 0 is not valid"),
     (dict(split="test"), "test does not exist"),
     (dict(device="tpu"), "--device 'tpu' is not valid; valid: auto, cpu, cuda"),
-    (dict(precise_images=8, precise_average="mean"), "--precise-average 'mean' is not valid; valid: equal, ema"),
+    (dict(precise_images=8, precise_average="mean"), "--precise-average 'mean' is not valid; valid: auto, equal, ema"),
     (dict(precise_images=8, precise_epoch=-1), "--precise-epoch -1 is not valid; valid: an epoch number >= 0"),
     pytest.param(dict(device="cuda"), "torch sees no CUDA device",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),

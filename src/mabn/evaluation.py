@@ -34,7 +34,7 @@ from .data.transforms import Augmentation, torchvision_transform
 from .engine import autocast, error_rates, score
 from .fold import eval_affine_defined, fold_norms
 from .models.trained import RunError, Trained, checkpoint_of, load_trained
-from .precise_stats import AVERAGES, recompute_running_stats
+from .precise_stats import AVERAGES, coupled, recompute_running_stats
 from .train import source_version
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class EvalSettings:
     fold: bool = False
     folder_classes_only: bool = False  # predict among the folder's classes only (ImageNet-A/-R's protocol)
     precise_images: int = 0  # > 0: also score with statistics re-estimated on about this many training images
-    precise_average: str = "equal"  # or "ema": the layers' own moving averages replayed (mabn.precise_stats)
+    precise_average: str = "auto"  # equal, ema (the layers' own moving averages replayed) or auto (mabn.precise_stats)
     precise_epoch: int = 0  # the training epoch whose order and augmentation the re-estimation's images follow
     progress: bool = True
 
@@ -228,17 +228,28 @@ def training_sources(checkpoint: pathlib.Path) -> list[str]:
 
 def precise_network(trained: Trained, settings: EvalSettings, device: str) -> tuple[torch.nn.Module, dict]:
     """The network with its statistics re-estimated (mabn.precise_stats) on the run's training images, batched
-    and augmented as the run trained (its N, its groups of b, its seed); and what was used."""
+    and augmented as the run trained (its N, its groups of b, its seed), from epoch `precise_epoch` on into
+    the next ones as far as the images asked for reach; and what was used."""
     data = OmegaConf.merge(trained.config.data, dict(loader="torchvision", workers=settings.workers))
     loaders = build_loaders(data, 0, 1, trained.config.seed, device)
-    loaders.set_epoch(settings.precise_epoch)
     batch = data.batch_per_gpu
-    batches = min(math.ceil(settings.precise_images / batch), loaders.train_batches)
-    net, layers, clips = recompute_running_stats(trained.net, itertools.islice(loaders.train, batches), device,
-                                                 settings.progress, settings.precise_average)
-    used = dict(images=batches * batch, batch=batch, layers=layers, average=settings.precise_average,
-                epoch=settings.precise_epoch)
-    return net, used if clips is None else dict(used, renorm_clips=clips)
+    batches = math.ceil(settings.precise_images / batch)
+    epochs = math.ceil(batches / loaders.train_batches)
+
+    def train_batches():
+        for epoch in range(settings.precise_epoch, settings.precise_epoch + epochs):
+            loaders.set_epoch(epoch)
+            yield from loaders.train
+
+    done = recompute_running_stats(trained.net, itertools.islice(train_batches(), batches), device,
+                                   settings.progress, settings.precise_average)
+    if settings.precise_average == "equal" and any(coupled(m) for m in trained.net.modules()):
+        log.warning("--precise-average equal holds BRN's / MABN's statistics at the trained values, which their training "
+                    "forward normalizes by: each layer's estimate is made against statistics the pass then replaces "
+                    "(not self-consistent); --precise-average ema (the default, auto) re-estimates them jointly")
+    used = dict(images=batches * batch, batch=batch, layers=done.layers, average=done.average,
+                epoch=settings.precise_epoch, epochs=epochs, trained_weight=done.trained_weight)
+    return done.net, used if done.renorm_clips is None else dict(used, renorm_clips=done.renorm_clips)
 
 
 def summary(record: dict) -> list[str]:
@@ -254,10 +265,13 @@ def summary(record: dict) -> list[str]:
             r = record[name]
             lines.append(f"{name:<8} {r['top1_err']:>8.2f}% {r['top5_err']:>8.2f}% {r['loss']:>7.4f}")
     if "precise" in record:
-        how = "equal weights" if record["precise_average"] == "equal" else "their own moving averages"
-        lines.append(f"precise: the statistics of {record['precise_layers']} norms re-estimated with the final weights, "
-                     f"{how} over {record['precise_images']} training images of epoch {record['precise_epoch']} in "
-                     f"batches of {record['precise_batch']} (train mode)")
+        first, epochs = record["precise_epoch"], record["precise_epochs"]
+        lines.append(f"precise: the statistics of {record['precise_layers']} norms re-estimated with the final weights "
+                     f"over {record['precise_images']} training images in batches of {record['precise_batch']} "
+                     f"(train mode; epoch {first}{'' if epochs == 1 else f'-{first + epochs - 1}'}), " +
+                     ("equal weights" if record["precise_average"] == "equal" else
+                      f"the layers' own moving averages replayed (the trained values still weigh "
+                      f"{100 * record['precise_trained_weight']:.2g}%)"))
         if "precise_renorm_clips" in record:
             clips = record["precise_renorm_clips"]
             lines.append(f"in those forwards BRN's r was clipped in {100 * clips['r']:.2f}% and d in {100 * clips['d']:.2f}% "
