@@ -241,12 +241,12 @@ def precise_network(trained: Trained, settings: EvalSettings, device: str) -> tu
             loaders.set_epoch(epoch)
             yield from loaders.train
 
-    done = recompute_running_stats(trained.net, itertools.islice(train_batches(), batches), device,
-                                   settings.progress, settings.precise_average)
     if settings.precise_average == "equal" and any(coupled(m) for m in trained.net.modules()):
         log.warning("--precise-average equal holds BRN's / MABN's statistics at the trained values, which their training "
                     "forward normalizes by: each layer's estimate is made against statistics the pass then replaces "
                     "(not self-consistent); --precise-average ema (the default, auto) re-estimates them jointly")
+    done = recompute_running_stats(trained.net, itertools.islice(train_batches(), batches), device,
+                                   settings.progress, settings.precise_average)
     used = dict(images=batches * batch, batch=batch, layers=done.layers, average=done.average,
                 epoch=settings.precise_epoch, epochs=epochs, trained_weight=done.trained_weight)
     return done.net, used if done.renorm_clips is None else dict(used, renorm_clips=done.renorm_clips)
