@@ -159,3 +159,24 @@ def test_more_images_than_an_epoch_continue_into_the_next_epochs(mabn_run):
     assert two["precise"] != one["precise"]
     later = evaluate_checkpoint(mabn_run, EvalSettings(**quiet, precise_images=8, precise_epoch=1))
     assert later["precise"] != evaluate_checkpoint(mabn_run, EvalSettings(**quiet, precise_images=8))["precise"]
+
+
+def test_held_brn_statistics_are_not_self_consistent_and_the_replayed_ones_are():
+    # With r and d never clipped BRN normalizes by its running statistics, so the second layer's estimate depends
+    # on the first layer's statistics: an equal-weight pass holding them at the trained values returns statistics
+    # that a second pass (holding those) changes again; the joint replay's statistics nearly reproduce themselves.
+    net = _net("brn", norm_batch=2, t0=0, r_ramp=1, d_ramp=1, r_max_final=1e6, d_max_final=1e6, momentum=0.05)
+    with torch.no_grad():
+        net[1].running_std.mul_(2.0)  # trained statistics off where they agree
+    batches = _batches(k=4)
+
+    def second_layer_drift(stats_net):  # how far one more held pass moves the second layer's mean
+        again = recompute_running_stats(stats_net, batches, "cpu", progress=False, average="equal").net
+        return (again[4].running_mean - stats_net[4].running_mean).abs().max().item()
+
+    held = recompute_running_stats(net, batches, "cpu", progress=False, average="equal").net
+    replayed = recompute_running_stats(net, batches * 150, "cpu", progress=False, average="ema").net
+    assert second_layer_drift(held) > 0.05
+    assert second_layer_drift(replayed) < second_layer_drift(held) / 20
+    bn = recompute_running_stats(_net("bn", norm_batch=2), batches, "cpu", progress=False).net
+    assert second_layer_drift(bn) < 1e-12  # BN normalizes by batch statistics: one held pass is self-consistent
