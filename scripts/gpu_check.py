@@ -172,10 +172,11 @@ def finish_pytest(check: Check, name: str, child: subprocess.Popen) -> str:
 
 
 def reference_tests(check: Check) -> str:
-    """The float64 reference tests of every batch-statistics norm, on this device (their `device` fixture)."""
+    """The float64 reference tests of every batch-statistics norm, and of BRN's clip counter, on this device (their
+    `device` fixture)."""
     selection = "cuda" if check.device.startswith("cuda") else "cpu and eval"
-    return finish_pytest(check, "reference_tests",
-                         start_pytest(["tests/test_norms_mabn.py", "tests/test_norms_bn_brn.py"], selection))
+    files = ["tests/test_norms_mabn.py", "tests/test_norms_bn_brn.py", "tests/test_renorm_clips.py"]
+    return finish_pytest(check, "reference_tests", start_pytest(files, selection))
 
 
 def group_norms_match_torch(check: Check) -> str:

@@ -41,8 +41,8 @@ def _by_hand(layer: BatchRenorm2d, x: torch.Tensor) -> tuple[int, int, int]:
     return r_clipped, d_clipped, pairs
 
 
-def test_counts_match_a_hand_computation_and_the_forward_is_untouched():
-    layer, x = _layer(), _input()
+def test_counts_match_a_hand_computation_and_the_forward_is_untouched(device):
+    layer, x = _layer().to(device), _input().to(device)
     plain = copy.deepcopy(layer).train()
     expected = _by_hand(layer, x)
     assert 0 < expected[0] < expected[2] and 0 < expected[1] < expected[2]  # some clipped, some not: the test can tell
@@ -58,10 +58,10 @@ def test_counts_match_a_hand_computation_and_the_forward_is_untouched():
     assert not layer._forward_hooks and not layer._forward_pre_hooks  # removed on exit
 
 
-def test_with_nothing_clipped_the_training_output_is_the_eval_mode_output():
-    x = _input()
+def test_with_nothing_clipped_the_training_output_is_the_eval_mode_output(device):
+    x = _input().to(device)
     for r_max, d_max, clipped in ((100.0, 100.0, False), (1.5, 0.5, True)):
-        layer = _layer(r_max, d_max)
+        layer = _layer(r_max, d_max).to(device)
         eval_output = copy.deepcopy(layer).eval()(x)
         with RenormClipCounter(layer) as clips:
             train_output = layer.train()(x)
@@ -70,8 +70,8 @@ def test_with_nothing_clipped_the_training_output_is_the_eval_mode_output():
         assert torch.allclose(train_output, eval_output, rtol=0, atol=1e-12) == (not clipped)
 
 
-def test_before_t0_r_and_d_are_clipped_to_1_and_0_everywhere():
-    layer = _layer(t0=100)  # iteration 11 of a plain-BN phase of 100: r_max = 1, d_max = 0
+def test_before_t0_r_and_d_are_clipped_to_1_and_0_everywhere(device):
+    layer = _layer(t0=100).to(device)  # iteration 11 of a plain-BN phase of 100: r_max = 1, d_max = 0
     with RenormClipCounter(layer) as clips:
-        layer.train()(_input())
+        layer.train()(_input().to(device))
     assert (clips.rates()["r"], clips.rates()["d"]) == (1.0, 1.0)
