@@ -12,14 +12,7 @@ import torch
 from torch import nn
 
 from .norms import BatchRenorm2d
-from .norms._groups import group_view, per_group, second_moment
-
-
-def _group_statistics(layer: BatchRenorm2d, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each group's (mean, sqrt(biased var + eps)) per channel, as the layer's forward computes them."""
-    groups = group_view(layer, x, layer.norm_batch).to(torch.promote_types(x.dtype, torch.float32))
-    mean = groups.sum(3).sum(1).div_(groups.shape[1] * groups.shape[3])
-    return mean, torch.sqrt(second_moment(groups - per_group(mean)) + layer.eps)
+from .norms.batchnorm import group_moments
 
 
 class RenormClipCounter:
@@ -51,7 +44,8 @@ class RenormClipCounter:
         @torch.no_grad()
         def hook(layer, inputs):
             if layer.training:
-                self.pending[name] = layer.unclipped_factors(*_group_statistics(layer, inputs[0]))
+                _, mean, var = group_moments(layer, inputs[0])
+                self.pending[name] = layer.unclipped_factors(mean, torch.sqrt(var + layer.eps))
         return hook
 
     def _after(self, name: str):

@@ -49,6 +49,15 @@ def batchnorm_eval_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Te
     return GhostBatchNorm2d.eval_affine(bn)
 
 
+def group_moments(layer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(centered (G, b, C, H*W) group view, mean, biased var per (group, channel)) of x in groups of
+    `layer.norm_batch`: two-pass, in at least float32. What BN and BRN normalize each group with."""
+    groups = group_view(layer, x, layer.norm_batch).to(torch.promote_types(x.dtype, torch.float32))
+    mean = groups.sum(3).sum(1).div_(groups.shape[1] * groups.shape[3])  # (G, C)
+    centered = groups - per_group(mean)
+    return centered, mean, second_moment(centered)
+
+
 class GroupBatchNormFunction(torch.autograd.Function):
     """Batch normalization over groups of `layer.norm_batch` consecutive samples, explicit backward.
 
@@ -61,12 +70,7 @@ class GroupBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, renorm):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        groups = group_view(layer, x, layer.norm_batch).to(dtype)
-        count = groups.shape[1] * groups.shape[3]
-        mean = groups.sum(3).sum(1).div_(count)  # (G, C)
-        centered = groups - per_group(mean)
-        var = second_moment(centered)
+        centered, mean, var = group_moments(layer, x)
         inv_std = torch.rsqrt(var + layer.eps)
         r = d = None
         if renorm is not None:
@@ -75,8 +79,8 @@ class GroupBatchNormFunction(torch.autograd.Function):
         shift = bias if d is None else bias + weight * d
         # Written through a group view of an (N, C, H, W) tensor: returning a view of a tensor made
         # here would forbid in-place ops (ReLU) on the output.
-        y = torch.empty_like(x, dtype=dtype)
-        torch.addcmul(per_group(shift), centered, per_group(scale), out=y.view(groups.shape))
+        y = torch.empty_like(x, dtype=centered.dtype)
+        torch.addcmul(per_group(shift), centered, per_group(scale), out=y.view(centered.shape))
         ctx.save_for_backward(centered, inv_std, scale, r, d)
         ctx.weight_dtype = weight.dtype
         ctx.mark_non_differentiable(mean, var)
