@@ -45,14 +45,18 @@ def train_command(root, out, *overrides):
     ]
 
 
+def finished_run(root, out, *overrides) -> pathlib.Path:
+    """The run dir of a `train_command` run that has finished."""
+    import subprocess
+
+    done = subprocess.run(train_command(root, out, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return next(p.parent for p in pathlib.Path(out).rglob("metrics.jsonl"))
+
+
 @pytest.fixture(scope="session")
 def mabn_run(tiny_shapes, tmp_path_factory):
     """A finished MABN run (ResNet-18 at torchvision's width, 32 px, one epoch), for export and evaluation."""
-    import subprocess
-
-    out = tmp_path_factory.mktemp("runs")
-    cmd = train_command(tiny_shapes, out, "model=resnet18", "model.width=64", "norm=mabn", "norm.norm_batch=4",
-                        "norm.options.window=2", "norm.options.warmup=2", "data.crop_size=32", "data.val_resize=36")
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return next(p.parent for p in out.rglob("metrics.jsonl"))
+    return finished_run(tiny_shapes, tmp_path_factory.mktemp("runs"), "model=resnet18", "model.width=64", "norm=mabn",
+                        "norm.norm_batch=4", "norm.options.window=2", "norm.options.warmup=2", "data.crop_size=32",
+                        "data.val_resize=36")

@@ -11,7 +11,7 @@ from mabn.models import ExportError, export_backbone, load_backbone
 from mabn.models.trained import checkpoint_of, load_trained
 from mabn.norms import CenConv2d, MABN2d
 
-from .conftest import ROOT, train_command
+from .conftest import ROOT, finished_run
 
 
 def _export(run_dir, out, *flags):
@@ -54,8 +54,6 @@ def test_export_errors_are_one_line(mabn_run, tmp_path):
 
 @pytest.mark.slow
 def test_narrow_models_have_no_torchvision_layout(tiny_shapes, tmp_path):
-    cmd = train_command(tiny_shapes, tmp_path / "out", "train.max_batches_per_epoch=2")  # model.width=8
-    assert subprocess.run(cmd, cwd=ROOT, capture_output=True, timeout=600).returncode == 0
-    run_dir = next((tmp_path / "out").rglob("metrics.jsonl")).parent
+    run_dir = finished_run(tiny_shapes, tmp_path / "out", "train.max_batches_per_epoch=2")  # model.width=8
     done = _export(run_dir, tmp_path / "x.pt")
     assert done.returncode == 2 and "no torchvision counterpart" in done.stderr and "width=8" in done.stderr

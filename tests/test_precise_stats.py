@@ -1,7 +1,6 @@
 """Re-estimated inference statistics (mabn.precise_stats): equal-weight averages of each layer's own per-batch
 estimate, computed with the final weights in training mode, on a copy of the network."""
 import copy
-import subprocess
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from mabn.evaluation import EvalSettings, evaluate_checkpoint
 from mabn.norms import build_norm
 from mabn.precise_stats import recompute_running_stats
 
-from .conftest import ROOT, train_command
+from .conftest import finished_run
 
 STATS = ("running_mean", "running_var", "running_std")
 
@@ -19,13 +18,9 @@ STATS = ("running_mean", "running_var", "running_std")
 @pytest.fixture(scope="module")
 def brn_run(tiny_shapes, tmp_path_factory):
     """A finished BRN run in groups of 2 whose r and d are at their final limits from the first step."""
-    out = tmp_path_factory.mktemp("brn")
-    cmd = train_command(tiny_shapes, out, "norm=brn", "norm.norm_batch=2", "norm.options.momentum=0.5",
-                        "norm.options.min_t0=0", "norm.options.t0_frac=0", "norm.options.r_ramp_frac=0",
-                        "norm.options.d_ramp_frac=0")
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return next(p.parent for p in out.rglob("metrics.jsonl"))
+    return finished_run(tiny_shapes, tmp_path_factory.mktemp("brn"), "norm=brn", "norm.norm_batch=2",
+                        "norm.options.momentum=0.5", "norm.options.min_t0=0", "norm.options.t0_frac=0",
+                        "norm.options.r_ramp_frac=0", "norm.options.d_ramp_frac=0")
 
 
 def _net(norm: str, **kwargs) -> nn.Sequential:
