@@ -4,6 +4,7 @@
   python scripts/repro.py                          # the whole plan, seeds 0 and 1, two lanes
   python scripts/repro.py --only figure --seeds 0  # one part of it
   python scripts/repro.py --list                   # what would run, and what is done already
+  python scripts/repro.py --only figure --seeds 2,3,4 --norms bn,mabn --batches 32   # more seeds of two points
 
 The plan, in the order it runs (part by part, each with every seed, so a stopped sweep has the figure's
 seeds, and so MABN's spread over seeds, before the real batch and the ablations):
@@ -43,6 +44,7 @@ from mabn.stop import StopSignal
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PARTS = ("figure", "real_b2", "ablations", "proposal", "third")
 FIGURE_BATCHES = (32, 2, 4, 16, 8)  # run order: the table's two points first
+NORMS = ("bn", "brn", "mabn", "gn")  # the plan's norms
 ABLATIONS = ("sma_forward_only", "sma_backward_only", "ema", "no_centered_conv", "no_renorm")
 PROPOSED_WARMUP = 500  # BRN's t0 in imagenette_cpu: max(min_t0 = 500, t0_frac x 2,360 iterations)
 RECORDS = (".hydra/config.yaml", ".hydra/overrides.yaml", "metrics.jsonl", "batch_stats.jsonl")
@@ -68,12 +70,31 @@ def part_runs(part: str, seeds: list[int]) -> list[list[str]]:
     return runs
 
 
+def override(run: list[str], key: str) -> str | None:
+    """The value `run` sets for `key`, else None."""
+    return next((o.split("=", 1)[1] for o in run if o.startswith(f"{key}=")), None)
+
+
+def selected(run: list[str], norms: list[str] | None, batches: list[int] | None) -> bool:
+    """Whether `run` is one of `norms` (None: any) at one of the normalization batches `batches` (None: any).
+
+    A run's normalization batch is its norm.norm_batch, else its real batch (real_b2); GN has none, so it is
+    left out once batches are named."""
+    if norms is not None and override(run, "norm") not in norms:
+        return False
+    b = override(run, "norm.norm_batch") or override(run, "data.batch_per_gpu")
+    return batches is None or (b is not None and int(b) in batches)
+
+
 Ranked = tuple[tuple[int, int, int], list[str]]  # ((part, 0 planned / 1 third seed, position), overrides)
 
 
-def ranked_runs(parts: list[str], seeds: list[int]) -> list[Ranked]:
-    """The plan's runs (all but `third`, decided from results) with their rank: lower runs first."""
-    return [((PARTS.index(part), 0, i), run) for part in PARTS if part in parts for i, run in enumerate(part_runs(part, seeds))]
+def ranked_runs(parts: list[str], seeds: list[int], norms: list[str] | None = None,
+                batches: list[int] | None = None) -> list[Ranked]:
+    """The plan's runs (all but `third`, decided from results) with their rank: lower runs first; only those of
+    `norms` at `batches` (None: all)."""
+    return [((PARTS.index(part), 0, i), run) for part in PARTS if part in parts
+            for i, run in enumerate(part_runs(part, seeds)) if selected(run, norms, batches)]
 
 
 class Plan:
@@ -278,7 +299,7 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
 
 
 def parse_list(text: str, kind, valid=None, name="") -> list:
-    values = [kind(v) for v in text.split(",") if v.strip()]
+    values = [kind(v.strip()) for v in text.split(",") if v.strip()]
     bad = [v for v in values if valid is not None and v not in valid]
     if not values or bad:
         raise SystemExit(f"error: {name}={text!r} is not valid; valid: a comma-separated list of {', '.join(map(str, valid)) if valid else 'integers'}")
@@ -290,6 +311,9 @@ def main() -> int:
     parser.add_argument("--experiment", default="imagenette_cpu", help="configs/experiment/ option (default imagenette_cpu)")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts of the plan: {', '.join(PARTS)}")
+    parser.add_argument("--norms", help=f"comma-separated norms to run, of {', '.join(NORMS)} (default: all)")
+    parser.add_argument("--batches", help="comma-separated normalization batches b to run, of "
+                        f"{', '.join(map(str, sorted(FIGURE_BATCHES)))} (default: all; GN, with none, is left out)")
     parser.add_argument("--lanes", type=int, default=2, help="runs side by side (default 2)")
     parser.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / lanes, at least 1)")
     parser.add_argument("--spread", type=float, default=2.0, help="third seed where two seeds differ by more (points)")
@@ -303,6 +327,12 @@ def main() -> int:
     except ValueError:
         raise SystemExit(f"error: --seeds={args.seeds!r} is not valid; valid: comma-separated integers, e.g. 0,1")
     parts = parse_list(args.only, str, PARTS, name="--only")
+    norms = parse_list(args.norms, str, NORMS, name="--norms") if args.norms is not None else None
+    try:
+        batches = parse_list(args.batches, int, sorted(FIGURE_BATCHES), name="--batches") if args.batches is not None else None
+    except ValueError:
+        raise SystemExit(f"error: --batches={args.batches!r} is not valid; valid: a comma-separated list of "
+                         f"{', '.join(map(str, sorted(FIGURE_BATCHES)))}")
     if args.lanes < 1:
         raise SystemExit(f"error: --lanes={args.lanes} is not valid; valid: an integer >= 1")
     if not (ROOT / "configs" / "experiment" / f"{args.experiment}.yaml").is_file():
@@ -311,7 +341,10 @@ def main() -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.lanes)
     plan = Plan(args.experiment, args.output_root, args.overrides, args.archive)
 
-    ranked = ranked_runs(parts, seeds)
+    ranked = ranked_runs(parts, seeds, norms, batches)
+    if not ranked:
+        raise SystemExit(f"error: --norms={args.norms} --batches={args.batches} select no run of --only={args.only}; "
+                         f"valid: a norm and b that part runs (GN has no b; real_b2 runs bn and mabn at b = 2)")
     todo = [(rank, run) for rank, run in ranked if not plan.finished(run)]
     print(f"{len(ranked)} planned runs, {len(ranked) - len(todo)} finished, {len(todo)} to run in {args.lanes} lanes "
           f"x {threads} threads", flush=True)
