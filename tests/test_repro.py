@@ -33,6 +33,22 @@ def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations
                          for s in (0, 1) for b in (32, 2)]  # tagged: out of the main table and plot
 
 
+def test_norms_and_batches_pick_points_of_the_plan():
+    runs = [run for _, run in repro.ranked_runs(list(repro.PARTS), [2, 3], norms=["bn", "mabn"], batches=[32])]
+    assert runs == [["norm=mabn", "norm.norm_batch=32", "seed=2"], ["norm=bn", "norm.norm_batch=32", "seed=2"],
+                    ["norm=mabn", "norm.norm_batch=32", "seed=3"], ["norm=bn", "norm.norm_batch=32", "seed=3"],
+                    ["norm=mabn", "norm.norm_batch=32", "ablation=warmup100", "seed=2"],
+                    ["norm=mabn", "norm.norm_batch=32", "ablation=warmup100", "seed=3"],
+                    ["norm=mabn", "norm.norm_batch=32", "norm.options.warmup=500", "tag=-warmup500", "seed=2"],
+                    ["norm=mabn", "norm.norm_batch=32", "norm.options.warmup=500", "tag=-warmup500", "seed=3"]]
+    # b = 2 takes the real batch of 2 as well; GN, with no b, only when no batches are named
+    real = [run for _, run in repro.ranked_runs(["real_b2", "figure"], [0], norms=["bn"], batches=[2])]
+    assert real == [["norm=bn", "norm.norm_batch=2", "seed=0"],
+                    ["norm=bn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=0"]]
+    assert [run for _, run in repro.ranked_runs(["figure"], [0], norms=["gn"])] == [["norm=gn", "seed=0"]]
+    assert repro.ranked_runs(["figure"], [0], norms=["gn"], batches=[32]) == []
+
+
 def _finished(run_dir, err):
     (run_dir / ".hydra").mkdir(parents=True)
     (run_dir / ".hydra" / "config.yaml").write_text("")
@@ -62,7 +78,10 @@ def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path, monkeypat
     assert "2 planned runs, 0 finished" in out.stdout and "todo  imagenette64-resnet18_cpu-mabn-b2-n2-s3" in out.stdout
     # The bad ones in process (Python prints a SystemExit's message as the one line on stderr, exit status 1).
     for args, message in ((["--only", "figures"], "--only='figures' is not valid"), (["--seeds", "a"], "--seeds='a' is not valid"),
-                          (["--experiment", "nope"], "--experiment='nope' is not valid")):
+                          (["--experiment", "nope"], "--experiment='nope' is not valid"),
+                          (["--norms", "bn,xn"], "--norms='bn,xn' is not valid"), (["--batches", "3"], "--batches='3' is not valid"),
+                          (["--batches", "b2"], "--batches='b2' is not valid"),
+                          (["--only", "ablations", "--norms", "bn"], "--norms=bn --batches=None select no run")):
         monkeypatch.setattr(sys, "argv", ["repro.py", "--list", "--output-root", str(tmp_path), *args])
         with pytest.raises(SystemExit) as stopped:
             repro.main()
