@@ -8,6 +8,8 @@ sigma / r_max often. `RenormClipCounter` counts, per BRN layer, the (group, chan
 or d is clipped, from hooks that leave the forward untouched (the statistics are computed again from
 the layer's input, as the layer computes them).
 """
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,10 +25,17 @@ class RenormClipCounter:
         clips.rates()  # {"r": share clipped, "d": ..., "pairs": (group, channel) pairs seen, "layers": {...}}
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, when: Callable[[], bool] | None = None):
+        """`when`: counts only forwards for which it returns True (None: all); the batch-statistics recorder
+        keeps the hooks registered for a whole run and counts its recorded iterations alone."""
         self.layers = {name or type(m).__name__: m for name, m in net.named_modules() if isinstance(m, BatchRenorm2d)}
-        self.counts = {name: torch.zeros(3, dtype=torch.long) for name in self.layers}  # r clipped, d clipped, pairs
+        self.when = when
         self.pending, self.handles = {}, []
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget what was counted so far."""
+        self.counts = {name: torch.zeros(3, dtype=torch.long) for name in self.layers}  # r clipped, d clipped, pairs
 
     def __enter__(self) -> "RenormClipCounter":
         for name, layer in self.layers.items():
@@ -43,7 +52,7 @@ class RenormClipCounter:
         # The running statistics r and d are measured against are those before the forward moves them.
         @torch.no_grad()
         def hook(layer, inputs):
-            if layer.training:
+            if layer.training and (self.when is None or self.when()):
                 _, mean, var = group_moments(layer, inputs[0])
                 self.pending[name] = layer.unclipped_factors(mean, torch.sqrt(var + layer.eps))
         return hook
