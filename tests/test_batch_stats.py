@@ -1,11 +1,17 @@
-"""Batch-statistics recording: equal to statistics computed directly from the same tensors; off means no hooks."""
+"""Batch-statistics recording: equal to statistics computed directly from the same tensors; off means no hooks;
+BRN's clip rates of a recorded iteration equal the clip counter's, and a compiled net never counts."""
+import copy
 import json
 
 import pytest
 import torch
+from torch import nn
+from torch._dynamo.utils import counters
 
 from mabn.batch_stats import BatchStatsRecorder, select_layers
 from mabn.models import build_model
+from mabn.norms import BatchRenorm2d
+from mabn.renorm_clips import RenormClipCounter
 
 
 @pytest.mark.parametrize("norm", ["bn", "brn", "mabn"])
@@ -60,3 +66,61 @@ def test_recording_off_registers_no_hooks(tiny_shapes, tmp_path):
 def test_default_layers_are_the_first_and_last_norm():
     model = build_model("resnet18", norm="bn", num_classes=10, width=8, stem="small")
     assert list(select_layers(model, None)) == ["bn1", "layer4.1.bn2"]
+
+
+def _brn_net() -> nn.Sequential:
+    """Two BRN layers with limits already open (t0 = 0) and running statistics that some groups clip against."""
+    torch.manual_seed(0)
+    layers = [BatchRenorm2d(8, norm_batch=2, t0=0, r_ramp=1, d_ramp=1, r_max_final=1.5, d_max_final=0.5) for _ in range(2)]
+    for layer in layers:
+        with torch.no_grad():
+            layer.running_mean.copy_(torch.randn(8) * 0.5)
+            layer.running_std.copy_(torch.rand(8) + 0.5)
+            layer.num_batches_tracked.fill_(10)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layers[0], nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), layers[1],
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+def test_brn_clip_rates_of_a_recorded_iteration_equal_the_clip_counters_and_only_armed_forwards_count(tmp_path):
+    net = _brn_net()
+    recorder = BatchStatsRecorder(select_layers(net, None), path=tmp_path / "stats.jsonl", net=net)
+    x = torch.randn(8, 3, 6, 6, generator=torch.Generator().manual_seed(2))
+    net(x).sum().backward()  # not armed: nothing counted
+    assert all(int(c.sum()) == 0 for c in recorder.clips.counts.values())
+    reference = copy.deepcopy(net)
+    recorder.arm()
+    net(x).sum().backward()
+    recorder.flush(7)
+    with RenormClipCounter(reference) as clips:
+        reference(x)
+    expected = clips.rates()
+    line = json.loads((tmp_path / "stats.jsonl").read_text())
+    assert line["step"] == 7 and 0 < expected["r"] < 1 and 0 < expected["d"] < 1  # some clipped, not all
+    assert line["brn_clips"]["r"] == expected["r"] and line["brn_clips"]["d"] == expected["d"]
+    assert line["brn_clips"]["layers"] == {name: [v["r"], v["d"]] for name, v in expected["layers"].items()}
+    recorder.remove()
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())
+
+
+def test_no_brn_no_clip_record():
+    model = build_model("resnet18", norm="mabn", num_classes=10, width=8, stem="small", norm_batch=2)
+    assert BatchStatsRecorder(select_layers(model, None), net=model).clips is None
+
+
+def test_a_compiled_brn_net_with_the_recorder_counts_nothing_and_compiles_once_around_recorded_iterations():
+    torch._dynamo.reset()
+    counters.clear()
+    net = _brn_net()
+    recorder = BatchStatsRecorder(select_layers(net, None), net=net)
+    compiled = torch.compile(net, backend="aot_eager_decomp_partition", fullgraph=True)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        armed = step == 2  # a recorded iteration runs the eager net, as the trainer does
+        if armed:
+            recorder.arm()
+        (net if armed else compiled)(torch.randn(8, 3, 6, 6, generator=gen)).sum().backward()
+        pairs = sum(int(c[2]) for c in recorder.clips.counts.values())
+        assert pairs == (2 * 4 * 8 if armed else 0), step  # 2 layers x 4 groups x 8 channels
+        if armed:
+            recorder.flush(step)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]

@@ -7,7 +7,9 @@ output (so BRN's r, d and MABN's r are included) and dL/dy taken per sample (the
 mean loss times the SGD micro-batch count and batch size, AMP's loss scale removed), so that runs
 of different batch sizes compare; and the values the layer actually runs on
 instead: BN's and BRN's running mean/variance, MABN's moving averages of chi_B (forward) and of
-Psi_B (backward). Nothing is registered unless recording is enabled.
+Psi_B (backward). For a network with BRN layers, also the share of all their (group, channel) pairs
+whose r or d sat at its clip limit in that iteration (mabn.renorm_clips): where BRN's training forward
+departed from its eval-mode op. Nothing is registered unless recording is enabled.
 """
 import json
 import pathlib
@@ -17,6 +19,7 @@ from torch import nn
 
 from .config import ConfigError
 from .norms import BatchRenorm2d, GhostBatchNorm2d, MABN2d
+from .renorm_clips import RenormClipCounter
 
 
 def _group_size(layer: nn.Module, batch: int) -> int:
@@ -24,18 +27,29 @@ def _group_size(layer: nn.Module, batch: int) -> int:
 
 
 class BatchStatsRecorder:
-    """Hooks on `layers` ({name: module}); `arm()` before a logged iteration, `flush(step)` after backward."""
+    """Hooks on `layers` ({name: module}); `arm()` before a logged iteration, `flush(step)` after backward.
+    With `net`, BRN's clip rates over all of its BRN layers are recorded too."""
 
-    def __init__(self, layers: dict[str, nn.Module], channel: int = 0, writer=None, path=None):
+    def __init__(self, layers: dict[str, nn.Module], channel: int = 0, writer=None, path=None,
+                 net: nn.Module | None = None):
         self.layers, self.channel, self.writer = layers, channel, writer
         self.path = pathlib.Path(path) if path else None
         self.armed, self.current, self.handles = False, {}, []
         for name, layer in layers.items():
             self.handles.append(layer.register_forward_hook(self._forward_hook(name)))
+        # Registered once, for the whole run, and gated like the hooks above: a compiled model sees hooks
+        # that do nothing (it never runs armed), not hooks that come and go.
+        self.clips = RenormClipCounter(net, when=lambda: self.armed) if net is not None else None
+        if self.clips is not None and not self.clips.layers:
+            self.clips = None
+        if self.clips is not None:
+            self.clips.__enter__()
 
     def arm(self, grad_scale: float = 1.0) -> None:
         """Record the next forward/backward; `grad_scale` turns the loss gradient into a per-sample one."""
         self.armed, self.current, self.grad_scale = True, {}, grad_scale
+        if self.clips is not None:
+            self.clips.reset()
 
     def _forward_hook(self, name):
         def hook(layer, inputs, output):
@@ -72,15 +86,27 @@ class BatchStatsRecorder:
             if self.writer is not None:
                 for key, value in record.items():
                     self.writer.add_scalar(f"batch_stats/{name}/{key}", value, step)
+        line = {"step": step, "channel": self.channel, "layers": self.current}
+        if self.clips is not None:
+            rates = self.clips.rates()
+            self.clips.reset()
+            # {"r": share of pairs with r clipped, "d": ..., "layers": {name: [r share, d share]}}
+            line["brn_clips"] = {"r": rates["r"], "d": rates["d"],
+                                 "layers": {n: [v["r"], v["d"]] for n, v in rates["layers"].items()}}
+            if self.writer is not None:
+                self.writer.add_scalar("batch_stats/brn_clipped_r", rates["r"], step)
+                self.writer.add_scalar("batch_stats/brn_clipped_d", rates["d"], step)
         if self.path is not None:
             with open(self.path, "a") as f:
-                f.write(json.dumps({"step": step, "channel": self.channel, "layers": self.current}) + "\n")
+                f.write(json.dumps(line) + "\n")
         self.armed = False
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        if self.clips is not None:
+            self.clips.__exit__(None, None, None)
 
 
 def _used_forward_statistics(layer: nn.Module, c: int) -> dict:

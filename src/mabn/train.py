@@ -114,7 +114,7 @@ class Job:
         if cfg.stats.enabled and info.is_main:
             layers = select_layers(net, list(cfg.stats.layers) if cfg.stats.layers else None)
             # no writer yet: open_logs hands it the TensorBoard writer with the file it rewinds
-            self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, None, run_dir / "batch_stats.jsonl")
+            self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, None, run_dir / "batch_stats.jsonl", net=net)
 
     # -- logging --------------------------------------------------------------------------------
     def open_logs(self, progress: Progress) -> None:
