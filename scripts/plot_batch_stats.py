@@ -10,7 +10,9 @@ is from the current group's own: for MABN the moving average chi_avg against chi
 for BRN the running variance (what its r carries the normalization to, within r's clip) against
 sigma^2_B; the median of used / own - 1 over the recorded iterations of each window. Averaging stale
 statistics shows as a bias of one sign; a small group's own noise as a spread around a small positive
-median. (BN divides by its own sigma^2_B in training: no row.)
+median. (BN divides by its own sigma^2_B in training: no row.) For BRN runs that recorded them, it then
+prints the share of all BRN (group, channel) pairs whose r or d sat at its clip limit, averaged over each
+window's recorded iterations: where BRN trained as its eval-mode op (0 %) and where it did not.
 """
 import argparse
 import json
@@ -28,10 +30,12 @@ from mabn.results import load_run  # noqa: E402
 STATISTICS = ["mu_B", "sigma2_B", "g_B", "Psi_B"]
 # What MABN normalizes with instead of sigma^2_B and Psi_B: its moving averages (drawn dashed on those panels).
 AVERAGED = {"sigma2_B": "chi_avg", "Psi_B": "Psi_avg"}
+CLIPS = "brn_clips"  # not a layer: BRN's clip rates over all its layers
 
 
 def load_stats(run_dir: pathlib.Path) -> tuple[str, dict, str]:
-    """The run's label, its recorded series {layer: {statistic: [(step, value)]}} and its norm."""
+    """The run's label, its recorded series {layer: {statistic: [(step, value)]}} and its norm; BRN's clip
+    rates, where recorded, as the series of the pseudo-layer CLIPS: {"r": [(step, share)], "d": [...]}."""
     path = run_dir / "batch_stats.jsonl"
     if not path.is_file():
         sys.exit(f"error: {path} missing; train with stats.enabled=true")
@@ -41,6 +45,8 @@ def load_stats(run_dir: pathlib.Path) -> tuple[str, dict, str]:
         for layer, values in record["layers"].items():
             for key, value in values.items():
                 series.setdefault(layer, {}).setdefault(key, []).append((record["step"], value))
+        for key in ("r", "d") if "brn_clips" in record else ():
+            series.setdefault(CLIPS, {}).setdefault(key, []).append((record["step"], record["brn_clips"][key]))
     run = load_run(run_dir)
     label = f"{run.norm} b={run.norm_batch} N={run.batch_per_gpu}{run.tag} s{run.seed}" if run else run_dir.name
     return label, series, run.norm if run else ""
@@ -74,6 +80,24 @@ def lag_table(loaded: list, layers: list, edges: list[int]) -> list[str]:
     return rows
 
 
+def clip_table(loaded: list, edges: list[int]) -> list[str]:
+    """Markdown rows: BRN's shares of pairs with r and with d clipped, mean per run and window (in %)."""
+    windows = list(zip(edges, edges[1:]))
+    rows = ["| run | " + " | ".join(f"r / d clipped, iterations [{a}, {b})" for a, b in windows) + " |",
+            "|---|" + "---|" * len(windows)]
+    for label, series, _ in loaded:
+        clips = series.get(CLIPS)
+        if not clips:
+            continue
+        cells = []
+        for a, b in windows:
+            r = [v for step, v in clips["r"] if a <= step < b]
+            d = [v for step, v in clips["d"] if a <= step < b]
+            cells.append(f"{100 * statistics.fmean(r):.2f} % / {100 * statistics.fmean(d):.2f} % (n={len(r)})" if r else "-")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows if len(rows) > 2 else []
+
+
 def parse_edges(text: str) -> list[int]:
     try:
         edges = [int(v) for v in text.split(",")]
@@ -92,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     edges = parse_edges(args.lag_windows) if args.lag_windows else None
     loaded = [load_stats(pathlib.Path(r)) for r in args.runs]
-    layers = sorted({layer for _, series, _ in loaded for layer in series})
+    layers = sorted({layer for _, series, _ in loaded for layer in series} - {CLIPS})
     fig, axes = plt.subplots(len(layers), len(STATISTICS), figsize=(4 * len(STATISTICS), 3 * len(layers)), squeeze=False)
     columns = STATISTICS + list(AVERAGED.values())
     print("| layer | run | " + " | ".join(f"std {s}" for s in columns) + " |")
@@ -119,6 +143,10 @@ def main() -> None:
     if edges:
         print()
         print("\n".join(lag_table(loaded, layers, edges)))
+        clips = clip_table(loaded, edges)
+        if clips:
+            print()
+            print("\n".join(clips))
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -130,6 +130,14 @@ def test_lag_compares_what_mabn_and_brn_divide_by_with_the_groups_own_and_skips_
     assert plot_batch_stats.used_over_own(brn, "bn") == []  # BN trains on its own statistics
 
 
+def test_clip_table_averages_brns_recorded_clip_rates_per_window_and_skips_runs_without_them():
+    plot_batch_stats = load_script("plot_batch_stats")
+    brn = {plot_batch_stats.CLIPS: {"r": [(0, 1.0), (20, 0.5), (40, 0.1)], "d": [(0, 1.0), (20, 0.25), (40, 0.0)]}}
+    rows = plot_batch_stats.clip_table([("brn s0", brn, "brn"), ("bn s0", {"bn1": {}}, "bn")], [0, 20, 60])
+    assert rows[2:] == ["| brn s0 | 100.00 % / 100.00 % (n=1) | 30.00 % / 12.50 % (n=2) |"]
+    assert plot_batch_stats.clip_table([("bn s0", {"bn1": {}}, "bn")], [0, 20]) == []
+
+
 def test_paper_numbers():
     assert paper_top1_err("bn", 2) == 35.22 and paper_top1_err("mabn", 2) == 23.67 and paper_top1_err("brn", 2) == 30.29
     assert paper_top1_err("gn", 32) == 24.1 and paper_top1_err("bn", 32) == 23.41
