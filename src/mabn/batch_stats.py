@@ -39,17 +39,12 @@ class BatchStatsRecorder:
             self.handles.append(layer.register_forward_hook(self._forward_hook(name)))
         # Registered once, for the whole run, and gated like the hooks above: a compiled model sees hooks
         # that do nothing (it never runs armed), not hooks that come and go.
-        self.clips = RenormClipCounter(net, when=lambda: self.armed) if net is not None else None
-        if self.clips is not None and not self.clips.layers:
-            self.clips = None
-        if self.clips is not None:
-            self.clips.__enter__()
+        clips = RenormClipCounter(net, when=lambda: self.armed) if net is not None else None
+        self.clips = clips.__enter__() if clips is not None and clips.layers else None
 
     def arm(self, grad_scale: float = 1.0) -> None:
         """Record the next forward/backward; `grad_scale` turns the loss gradient into a per-sample one."""
         self.armed, self.current, self.grad_scale = True, {}, grad_scale
-        if self.clips is not None:
-            self.clips.reset()
 
     def _forward_hook(self, name):
         def hook(layer, inputs, output):
@@ -89,7 +84,7 @@ class BatchStatsRecorder:
         line = {"step": step, "channel": self.channel, "layers": self.current}
         if self.clips is not None:
             rates = self.clips.rates()
-            self.clips.reset()
+            self.clips.reset()  # counts only armed forwards, so it stays empty until the next recorded one
             # {"r": share of pairs with r clipped, "d": ..., "layers": {name: [r share, d share]}}
             line["brn_clips"] = {"r": rates["r"], "d": rates["d"],
                                  "layers": {n: [v["r"], v["d"]] for n, v in rates["layers"].items()}}
