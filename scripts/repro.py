@@ -298,11 +298,16 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
     return len(failed), stop.received
 
 
-def parse_list(text: str, kind, valid=None, name="") -> list:
-    values = [kind(v.strip()) for v in text.split(",") if v.strip()]
-    bad = [v for v in values if valid is not None and v not in valid]
-    if not values or bad:
-        raise SystemExit(f"error: {name}={text!r} is not valid; valid: a comma-separated list of {', '.join(map(str, valid)) if valid else 'integers'}")
+def parse_list(text: str, kind, valid=None, name="", hint: str | None = None) -> list:
+    """`text`'s comma-separated values as `kind`, each one of `valid` (None: any); else a one-line error saying
+    what is valid (`hint`, by default the valid values)."""
+    try:
+        values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:  # not a `kind`: an integer list given a word
+        values = []
+    if not values or any(valid is not None and v not in valid for v in values):
+        hint = hint or f"a comma-separated list of {', '.join(map(str, valid))}"
+        raise SystemExit(f"error: {name}={text!r} is not valid; valid: {hint}")
     return values
 
 
@@ -322,17 +327,10 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the plan with each run's state, run nothing")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (key=value)")
     args = parser.parse_args()
-    try:
-        seeds = parse_list(args.seeds, int, name="--seeds")
-    except ValueError:
-        raise SystemExit(f"error: --seeds={args.seeds!r} is not valid; valid: comma-separated integers, e.g. 0,1")
+    seeds = parse_list(args.seeds, int, name="--seeds", hint="comma-separated integers, e.g. 0,1")
     parts = parse_list(args.only, str, PARTS, name="--only")
     norms = parse_list(args.norms, str, NORMS, name="--norms") if args.norms is not None else None
-    try:
-        batches = parse_list(args.batches, int, sorted(FIGURE_BATCHES), name="--batches") if args.batches is not None else None
-    except ValueError:
-        raise SystemExit(f"error: --batches={args.batches!r} is not valid; valid: a comma-separated list of "
-                         f"{', '.join(map(str, sorted(FIGURE_BATCHES)))}")
+    batches = parse_list(args.batches, int, sorted(FIGURE_BATCHES), name="--batches") if args.batches is not None else None
     if args.lanes < 1:
         raise SystemExit(f"error: --lanes={args.lanes} is not valid; valid: an integer >= 1")
     if not (ROOT / "configs" / "experiment" / f"{args.experiment}.yaml").is_file():
