@@ -114,6 +114,32 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_shapes, tmp_path):
     assert '"finished"' in next(tmp_path.rglob("metrics.jsonl")).read_text()
 
 
+def _metrics(out):
+    return [json.loads(line) for line in next(out.rglob("metrics.jsonl")).read_text().splitlines()]
+
+
+def test_stop_after_epochs_pauses_a_run_that_then_trains_on_as_if_never_stopped(tiny_shapes, tmp_path):
+    # The schedule still spans schedule.epochs: the paused run's lr and its final state are the straight run's.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.Popen(_cmd(tiny_shapes, tmp_path / "straight", "bn"), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+    paused_cmd = _cmd(tiny_shapes, tmp_path / "paused", "bn")
+    first = subprocess.run(paused_cmd + ["train.stop_after_epochs=1"], capture_output=True, text=True, timeout=300, env=env)
+    assert first.returncode == 0 and "stopped after epoch 1 of 2" in first.stdout, first.stderr[-2000:]
+    records = _metrics(tmp_path / "paused")
+    assert [r.get("epoch") for r in records] == [1] and records[0]["epochs"] == 2
+    again = subprocess.run(paused_cmd + ["train.stop_after_epochs=1"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "nothing to do" in again.stdout, again.stderr[-2000:]
+    on = subprocess.run(paused_cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert on.returncode == 0 and "resumed from" in on.stdout, on.stderr[-2000:]
+    _, err = straight.communicate(timeout=300)
+    assert straight.returncode == 0, err[-2000:]
+
+    _assert_states_equal(_final_state(tmp_path / "straight"), _final_state(tmp_path / "paused"))
+    lines = [_metrics(tmp_path / d) for d in ("straight", "paused")]
+    assert [r.get("lr") for r in lines[0]] == [r.get("lr") for r in lines[1]] and lines[1][-1]["event"] == "finished"
+
+
 class _WorkerPids(torch.utils.data.Dataset):
     """Each sample is the pid of the process that loaded it."""
 

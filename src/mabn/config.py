@@ -132,6 +132,8 @@ def check_train(cfg: DictConfig) -> None:
     require("train.compile_mode", train.compile_mode, train.compile_mode in COMPILE_MODES, ", ".join(COMPILE_MODES))
     cap = train.get("max_batches_per_epoch")
     require("train.max_batches_per_epoch", cap, cap is None or (is_int(cap) and cap > 0), "null or a positive integer")
+    pause = train.get("stop_after_epochs")
+    require("train.stop_after_epochs", pause, pause is None or (is_int(pause) and pause > 0), "null or a positive integer")
     smoothing = train.label_smoothing
     require("train.label_smoothing", smoothing, is_number(smoothing) and 0 <= smoothing <= 1, "a number in [0, 1]")
     require("stats.every", cfg.stats.every, is_int(cfg.stats.every) and cfg.stats.every >= 1, "an integer >= 1")

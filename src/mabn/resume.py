@@ -24,7 +24,8 @@ OPERATIONAL = (
     "train.device", "train.deterministic", "train.compile", "train.compile_mode", "train.channels_last",
     "train.resume", "train.resume_changes", "train.checkpoint_keep", "train.checkpoint_every_steps",
     "train.checkpoint_minutes", "train.log_every", "train.progress", "train.nan_policy", "train.max_nonfinite_skips",
-    "train.total_batch", "stats", "data.root", "data.workers", "data.val_batch_per_gpu", "data.max_unreadable",
+    "train.total_batch", "train.stop_after_epochs", "stats",
+    "data.root", "data.workers", "data.val_batch_per_gpu", "data.max_unreadable",
     "data.generate_options.source", "data.generate_options.workers",  # where a generated copy is made from, how fast
 )
 

@@ -231,6 +231,11 @@ def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
     if progress.epoch >= cfg.schedule.epochs:
         log.info("run already finished (%d epochs) in %s; nothing to do", progress.epoch, run_dir)
         return dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
+    pause = cfg.train.stop_after_epochs
+    if pause and progress.epoch >= pause:
+        log.info("run stopped after epoch %d of %d (train.stop_after_epochs=%d) in %s; nothing to do: "
+                 "a larger value or null trains on", progress.epoch, cfg.schedule.epochs, pause, run_dir)
+        return dict(event="paused", step=progress.step, best_val_top1_err=progress.best_top1_err)
     job.open_logs(progress)
     stop = StopSignal().install()
     try:
@@ -258,6 +263,11 @@ def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
                 log.info("epoch %d/%d: loss %.4f, val top-1 err %.2f%%, top-5 err %.2f%%, %.0f img/s",
                          record["epoch"], cfg.schedule.epochs, record["train_loss"], record["val_top1_err"],
                          record["val_top5_err"], record["images_per_sec"])
+            if pause and progress.epoch >= pause and progress.epoch < cfg.schedule.epochs:
+                if info.is_main:
+                    log.info("stopped after epoch %d of %d (train.stop_after_epochs=%d); the same command with "
+                             "a larger value or null trains on", progress.epoch, cfg.schedule.epochs, pause)
+                return dict(event="paused", step=progress.step, best_val_top1_err=progress.best_top1_err)
         final = dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err, **job.hparams())
         if info.is_main:
             job.append_metrics(final)
