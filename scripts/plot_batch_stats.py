@@ -12,7 +12,10 @@ sigma^2_B; the median of used / own - 1 over the recorded iterations of each win
 statistics shows as a bias of one sign; a small group's own noise as a spread around a small positive
 median. (BN divides by its own sigma^2_B in training: no row.) For BRN runs that recorded them, it then
 prints the share of all BRN (group, channel) pairs whose r or d sat at its clip limit, averaged over each
-window's recorded iterations: where BRN trained as its eval-mode op (0 %) and where it did not.
+window's recorded iterations: where BRN trained as its eval-mode op (0 %) and where it did not. For runs
+trained with `stats.all_layers=true` it prints the same lag over every MABN/BRN layer and all their
+channels: the median of used / own - 1 (each layer's median over channels, then the median over layers
+and iterations) and the mean |log(used / own)|.
 """
 import argparse
 import json
@@ -31,11 +34,13 @@ STATISTICS = ["mu_B", "sigma2_B", "g_B", "Psi_B"]
 # What MABN normalizes with instead of sigma^2_B and Psi_B: its moving averages (drawn dashed on those panels).
 AVERAGED = {"sigma2_B": "chi_avg", "Psi_B": "Psi_avg"}
 CLIPS = "brn_clips"  # not a layer: BRN's clip rates over all its layers
+LAG = "lag"  # not a layer: every MABN/BRN layer's lag over all its channels (stats.all_layers)
 
 
 def load_stats(run_dir: pathlib.Path) -> tuple[str, dict, str]:
     """The run's label, its recorded series {layer: {statistic: [(step, value)]}} and its norm; BRN's clip
-    rates, where recorded, as the series of the pseudo-layer CLIPS: {"r": [(step, share)], "d": [...]}."""
+    rates, where recorded, as the series of the pseudo-layer CLIPS: {"r": [(step, share)], "d": [...]}, and
+    the all-layer lag as LAG's: {layer: [(step, [median used/own - 1, mean |log used/own|])]}."""
     path = run_dir / "batch_stats.jsonl"
     if not path.is_file():
         sys.exit(f"error: {path} missing; train with stats.enabled=true")
@@ -47,6 +52,8 @@ def load_stats(run_dir: pathlib.Path) -> tuple[str, dict, str]:
                 series.setdefault(layer, {}).setdefault(key, []).append((record["step"], value))
         for key in ("r", "d") if "brn_clips" in record else ():
             series.setdefault(CLIPS, {}).setdefault(key, []).append((record["step"], record["brn_clips"][key]))
+        for layer, value in record.get("lag", {}).items():
+            series.setdefault(LAG, {}).setdefault(layer, []).append((record["step"], value))
     run = load_run(run_dir)
     label = f"{run.norm} b={run.norm_batch} N={run.batch_per_gpu}{run.tag} s{run.seed}" if run else run_dir.name
     return label, series, run.norm if run else ""
@@ -98,6 +105,24 @@ def clip_table(loaded: list, edges: list[int]) -> list[str]:
     return rows if len(rows) > 2 else []
 
 
+def all_layers_table(loaded: list, edges: list[int]) -> list[str]:
+    """Markdown rows: the lag over every MABN/BRN layer and channel, per run and window (stats.all_layers)."""
+    windows = list(zip(edges, edges[1:]))
+    rows = ["| run | " + " | ".join(f"used/own - 1, mean abs log, iterations [{a}, {b})" for a, b in windows) + " |",
+            "|---|" + "---|" * len(windows)]
+    for label, series, _ in loaded:
+        lag = series.get(LAG)
+        if not lag:
+            continue
+        cells = []
+        for a, b in windows:
+            inside = [value for points in lag.values() for step, value in points if a <= step < b]
+            cells.append(f"{statistics.median(v[0] for v in inside):+.3f}, {statistics.fmean(v[1] for v in inside):.3f} "
+                         f"(n={len(inside)})" if inside else "-")
+        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+    return rows if len(rows) > 2 else []
+
+
 def parse_edges(text: str) -> list[int]:
     try:
         edges = [int(v) for v in text.split(",")]
@@ -116,7 +141,7 @@ def main() -> None:
     args = parser.parse_args()
     edges = parse_edges(args.lag_windows) if args.lag_windows else None
     loaded = [load_stats(pathlib.Path(r)) for r in args.runs]
-    layers = sorted({layer for _, series, _ in loaded for layer in series} - {CLIPS})
+    layers = sorted({layer for _, series, _ in loaded for layer in series} - {CLIPS, LAG})
     fig, axes = plt.subplots(len(layers), len(STATISTICS), figsize=(4 * len(STATISTICS), 3 * len(layers)), squeeze=False)
     columns = STATISTICS + list(AVERAGED.values())
     print("| layer | run | " + " | ".join(f"std {s}" for s in columns) + " |")
@@ -143,10 +168,10 @@ def main() -> None:
     if edges:
         print()
         print("\n".join(lag_table(loaded, layers, edges)))
-        clips = clip_table(loaded, edges)
-        if clips:
-            print()
-            print("\n".join(clips))
+        for extra in (clip_table(loaded, edges), all_layers_table(loaded, edges)):
+            if extra:
+                print()
+                print("\n".join(extra))
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
     print(f"wrote {args.out}", file=sys.stderr)

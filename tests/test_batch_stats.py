@@ -2,15 +2,16 @@
 BRN's clip rates of a recorded iteration equal the clip counter's, and a compiled net never counts."""
 import copy
 import json
+import math
 
 import pytest
 import torch
 from torch import nn
 from torch._dynamo.utils import counters
 
-from mabn.batch_stats import BatchStatsRecorder, select_layers
+from mabn.batch_stats import BatchStatsRecorder, lag_layers, select_layers
 from mabn.models import build_model
-from mabn.norms import BatchRenorm2d
+from mabn.norms import MABN2d, BatchRenorm2d
 from mabn.renorm_clips import RenormClipCounter
 
 
@@ -124,3 +125,44 @@ def test_a_compiled_brn_net_with_the_recorder_counts_nothing_and_compiles_once_a
         if armed:
             recorder.flush(step)
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_mabn_lag_over_all_channels_is_the_closed_form_of_a_geometrically_growing_input(tmp_path):
+    # x_t = base * s^t: chi_B grows by s^2 a step, so once the ring is full the SMA over the last m steps
+    # sits at mean_j s^(-2j) of the current chi_B in every channel; the summary must say so, negative.
+    m, s = 4, 1.1
+    torch.manual_seed(0)
+    layer = MABN2d(6, window=m, warmup=m, eps=1e-12)
+    net = nn.Sequential(layer)
+    recorder = BatchStatsRecorder({}, path=tmp_path / "stats.jsonl", lag_layers=lag_layers(net))
+    assert list(recorder.lag_layers) == ["0"]
+    base = torch.randn(4, 6, 5, 5, dtype=torch.float64).float()
+    for t in range(8):
+        recorder.arm()
+        layer(base * s ** t).sum().backward()
+        recorder.flush(t)
+    median, abs_log = json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[-1])["lag"]["0"]
+    ratio = sum(s ** (-2 * j) for j in range(m)) / m
+    assert median == pytest.approx(ratio - 1, rel=1e-4) and median < -0.1
+    assert abs_log == pytest.approx(-math.log(ratio), rel=1e-4)
+
+
+def test_brn_lag_is_its_running_variance_against_the_last_groups_own_and_only_with_all_layers(tmp_path):
+    net = _brn_net()
+    assert BatchStatsRecorder(select_layers(net, None), net=net).lag_layers == {}
+    recorder = BatchStatsRecorder({}, path=tmp_path / "stats.jsonl", lag_layers=lag_layers(net))
+    seen = {}
+    net[1].register_forward_hook(lambda mod, i, o: seen.update(x=i[0].detach().double()))
+    recorder.arm()
+    net(torch.randn(8, 3, 6, 6)).sum().backward()
+    recorder.flush(3)
+    lag = json.loads((tmp_path / "stats.jsonl").read_text())["lag"]
+    assert list(lag) == ["1", "4"]
+    own = seen["x"][-2:].var((0, 2, 3), unbiased=False)  # BRN's groups are of norm_batch = 2
+    ratio = (net[1].running_std.double() ** 2 + net[1].eps) / (own + net[1].eps)
+    assert lag["1"] == pytest.approx([(ratio - 1).median().item(), ratio.log().abs().mean().item()], rel=1e-6)
+    recorder.arm()
+    net.eval()
+    net(torch.randn(8, 3, 6, 6))  # an eval forward records nothing
+    recorder.flush(4)
+    assert "lag" not in json.loads((tmp_path / "stats.jsonl").read_text().splitlines()[-1])

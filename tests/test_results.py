@@ -138,6 +138,14 @@ def test_clip_table_averages_brns_recorded_clip_rates_per_window_and_skips_runs_
     assert plot_batch_stats.clip_table([("bn s0", {"bn1": {}}, "bn")], [0, 20]) == []
 
 
+def test_all_layers_table_takes_the_median_and_mean_over_layers_and_iterations_per_window():
+    plot_batch_stats = load_script("plot_batch_stats")
+    lag = {"bn1": [(0, [0.5, 0.4]), (20, [-0.2, 0.3])], "layer4.1.bn2": [(20, [-0.4, 0.1]), (40, [-0.3, 0.2])]}
+    rows = plot_batch_stats.all_layers_table([("mabn s0", {plot_batch_stats.LAG: lag}, "mabn"),
+                                              ("bn s0", {"bn1": {}}, "bn")], [0, 20, 60])
+    assert rows[2:] == ["| mabn s0 | +0.500, 0.400 (n=1) | -0.300, 0.200 (n=3) |"]
+
+
 def test_paper_numbers():
     assert paper_top1_err("bn", 2) == 35.22 and paper_top1_err("mabn", 2) == 23.67 and paper_top1_err("brn", 2) == 30.29
     assert paper_top1_err("gn", 32) == 24.1 and paper_top1_err("bn", 32) == 23.41

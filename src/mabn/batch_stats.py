@@ -9,7 +9,10 @@ of different batch sizes compare; and the values the layer actually runs on
 instead: BN's and BRN's running mean/variance, MABN's moving averages of chi_B (forward) and of
 Psi_B (backward). For a network with BRN layers, also the share of all their (group, channel) pairs
 whose r or d sat at its clip limit in that iteration (mabn.renorm_clips): where BRN's training forward
-departed from its eval-mode op. Nothing is registered unless recording is enabled.
+departed from its eval-mode op. With `lag_layers` (`stats.all_layers=true`), for every MABN and BRN
+layer over all its channels, how far the averaged statistic it normalizes with sits from the last
+group's own (`lag_summary`): a moving average of stale statistics shows as a bias of one sign across
+channels, which one recorded channel can hide. Nothing is registered unless recording is enabled.
 """
 import json
 import pathlib
@@ -31,12 +34,15 @@ class BatchStatsRecorder:
     With `net`, BRN's clip rates over all of its BRN layers are recorded too."""
 
     def __init__(self, layers: dict[str, nn.Module], channel: int = 0, writer=None, path=None,
-                 net: nn.Module | None = None):
+                 net: nn.Module | None = None, lag_layers: dict[str, nn.Module] | None = None):
         self.layers, self.channel, self.writer = layers, channel, writer
         self.path = pathlib.Path(path) if path else None
-        self.armed, self.current, self.handles = False, {}, []
+        self.armed, self.current, self.lag, self.handles = False, {}, {}, []
         for name, layer in layers.items():
             self.handles.append(layer.register_forward_hook(self._forward_hook(name)))
+        self.lag_layers = lag_layers or {}
+        for name, layer in self.lag_layers.items():
+            self.handles.append(layer.register_forward_hook(self._lag_hook(name)))
         # Registered once, for the whole run, and gated like the hooks above: a compiled model sees hooks
         # that do nothing (it never runs armed), not hooks that come and go.
         clips = RenormClipCounter(net, when=lambda: self.armed) if net is not None else None
@@ -44,7 +50,14 @@ class BatchStatsRecorder:
 
     def arm(self, grad_scale: float = 1.0) -> None:
         """Record the next forward/backward; `grad_scale` turns the loss gradient into a per-sample one."""
-        self.armed, self.current, self.grad_scale = True, {}, grad_scale
+        self.armed, self.current, self.lag, self.grad_scale = True, {}, {}, grad_scale
+
+    def _lag_hook(self, name):
+        def hook(layer, inputs, output):
+            if self.armed and layer.training:
+                self.lag[name] = lag_summary(layer, inputs[0])
+
+        return hook
 
     def _forward_hook(self, name):
         def hook(layer, inputs, output):
@@ -91,6 +104,11 @@ class BatchStatsRecorder:
             if self.writer is not None:
                 self.writer.add_scalar("batch_stats/brn_clipped_r", rates["r"], step)
                 self.writer.add_scalar("batch_stats/brn_clipped_d", rates["d"], step)
+        if self.lag:
+            # {layer: [median over channels of used / own - 1, mean over channels of |log(used / own)|]}
+            line["lag"] = self.lag
+            if self.writer is not None:
+                self.writer.add_scalar("batch_stats/lag_abs_log", sum(v[1] for v in self.lag.values()) / len(self.lag), step)
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -113,6 +131,30 @@ def _used_forward_statistics(layer: nn.Module, c: int) -> dict:
     if isinstance(layer, GhostBatchNorm2d):
         return {"running_mean": layer.running_mean[c].item(), "running_var": layer.running_var[c].item()}
     return {}
+
+
+def lag_summary(layer: nn.Module, x: torch.Tensor) -> list[float]:
+    """[median over channels of used / own - 1, mean over channels of |log(used / own)|] for the last
+    normalization group of input `x` (called after the layer's forward, so its buffers include it):
+    MABN's SMA of chi_B (exactly what that group divided by once the ring is full) against the group's
+    own chi_B; BRN's running variance (what r carries its normalization to, read after this forward's
+    update) against the group's sigma^2_B."""
+    b = _group_size(layer, x.shape[0])
+    with torch.no_grad():
+        group = x[-b:].detach().double()
+        if isinstance(layer, MABN2d):
+            filled = min(int(layer.chi_seen), layer.chi_ring.shape[0])
+            own, used = group.pow(2).mean((0, 2, 3)), layer.chi_ring[:filled].double().mean(0)
+        else:
+            own, used = group.var((0, 2, 3), unbiased=False), layer.running_std.double() ** 2
+        ratio = (used + layer.eps) / (own + layer.eps)
+        return [(ratio - 1).median().item(), ratio.log().abs().mean().item()]
+
+
+def lag_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every layer `lag_summary` applies to: MABN with its simple moving average, and BRN."""
+    return {n: m for n, m in model.named_modules()
+            if (isinstance(m, MABN2d) and m.average == "sma" and m.average_forward) or isinstance(m, BatchRenorm2d)}
 
 
 def _ring_mean(ring: torch.Tensor, seen: torch.Tensor, c: int) -> float:

@@ -13,7 +13,7 @@ from .optim import POLICIES, warmup_steps
 
 TAG = re.compile(r"-[A-Za-z0-9._=+-]*")  # a suffix of the run dir's name: no path separators or spaces
 FLAGS = ("train.amp", "train.channels_last", "train.deterministic", "train.compile", "train.progress", "stats.enabled",
-         "optim.nesterov", "optim.decay_norm_and_bias", "data.flip", "model.zero_init_last_gamma")  # true or false
+         "stats.all_layers", "optim.nesterov", "optim.decay_norm_and_bias", "data.flip", "model.zero_init_last_gamma")  # true or false
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
 
 

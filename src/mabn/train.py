@@ -25,7 +25,7 @@ from torch.utils.tensorboard.summary import hparams
 
 from . import checkpoint as ckpt
 from . import run_lock
-from .batch_stats import BatchStatsRecorder, select_layers
+from .batch_stats import BatchStatsRecorder, lag_layers, select_layers
 from .compile import compile_model
 from .config import ConfigError, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
@@ -114,7 +114,8 @@ class Job:
         if cfg.stats.enabled and info.is_main:
             layers = select_layers(net, list(cfg.stats.layers) if cfg.stats.layers else None)
             # no writer yet: open_logs hands it the TensorBoard writer with the file it rewinds
-            self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, None, run_dir / "batch_stats.jsonl", net=net)
+            self.batch_stats = BatchStatsRecorder(layers, cfg.stats.channel, None, run_dir / "batch_stats.jsonl", net=net,
+                                                  lag_layers=lag_layers(net) if cfg.stats.all_layers else None)
 
     # -- logging --------------------------------------------------------------------------------
     def open_logs(self, progress: Progress) -> None:
