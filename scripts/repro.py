@@ -23,7 +23,9 @@ configuration, so a rerun resumes it, and a run whose metrics.jsonl says it fini
 lane is one process with `cores / lanes` threads (two single-thread lanes beat one two-thread run by
 ~15 % on 2 cores). `--archive DIR` copies each finished run's records (config, metrics, batch
 statistics; no checkpoints) to DIR/<task>/<run>, and runs finished there count as done, so a sweep
-can continue on another machine from the committed records alone.
+can continue on another machine from the committed records alone. With the override
+`train.stop_after_epochs=K` every run stops after epoch K (the first epochs of every seed, say) and is
+reported as paused, not finished: the same command without it trains each on from there.
 """
 import argparse
 import json
@@ -207,10 +209,17 @@ def archive_run(plan: Plan, run_dir: pathlib.Path) -> None:
             shutil.copy2(source, target / name)
 
 
+def stop_after_epochs(overrides: list[str]) -> int | None:
+    """K of an override `train.stop_after_epochs=K` (the trainer checks the value), else None."""
+    values = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == "train.stop_after_epochs"]
+    return int(values[-1]) if values and values[-1].isdigit() else None
+
+
 def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir: pathlib.Path,
-              follow_up=None) -> tuple[int, int | None]:
+              follow_up=None, pause_after: int | None = None) -> tuple[int, int | None]:
     """Run `runs` in `lanes` parallel subprocesses, lowest rank first; returns the number of failed runs, and
-    the stop signal that ended the plan early (None if none came).
+    the stop signal that ended the plan early (None if none came). With `pause_after` (K of the runs'
+    `train.stop_after_epochs=K`), a run that exits cleanly with K epochs recorded is paused, not failed.
 
     `follow_up(rank, run)`, called after each finished run, returns more ranked runs to queue (third seeds).
     A stop signal (mabn.stop: SIGTERM, SIGUSR1, SIGUSR2) sent to this driver alone is passed on to the runs in
@@ -280,6 +289,9 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                     eta = eta_hours(trained, left, lanes)
                 print(f"[lane {index}] {i}/{len(queued)} done  {run_dir.name}: top-1 err {final_error(run_dir):.2f} % "
                       f"in {minutes:.1f} min; {left} left, about {eta:.1f} h", flush=True)
+            elif code == 0 and pause_after and epochs_done(run_dir) >= pause_after:
+                print(f"[lane {index}] {i}/{len(queued)} paused {run_dir.name} after epoch {pause_after} "
+                      f"(train.stop_after_epochs) in {minutes:.1f} min", flush=True)
             else:
                 with lock:
                     failed.append(run_dir.name)
@@ -338,6 +350,7 @@ def main() -> int:
         raise SystemExit(f"error: --experiment={args.experiment!r} is not valid; valid: {', '.join(valid)}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.lanes)
     plan = Plan(args.experiment, args.output_root, args.overrides, args.archive)
+    pause_after = stop_after_epochs(args.overrides)
 
     ranked = ranked_runs(parts, seeds, norms, batches)
     if not ranked:
@@ -362,7 +375,8 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock.hold(log_dir):  # one driver per output root: a second would start the same runs
-            failures, stopped = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds)
+            failures, stopped = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds,
+                                          pause_after=pause_after)
     except run_lock.RunDirInUse as err:
         print(f"error: {args.output_root} is in use by another make repro ({err.holder}); wait for it, stop it "
               f"(kill: its runs checkpoint), or set --output-root", file=sys.stderr)
@@ -374,6 +388,9 @@ def main() -> int:
     if failures:
         print(f"error: {failures} runs failed; their logs are in {log_dir}", file=sys.stderr)
         return 1
+    if pause_after:
+        print(f"runs paused after epoch {pause_after} (train.stop_after_epochs={pause_after}); the same command "
+              f"without it trains them on", flush=True)
     return 0
 
 

@@ -96,10 +96,15 @@ def _tiny_runs(tiny_shapes, *overrides):
 
 
 def test_two_lanes_run_the_plan_archive_each_run_and_say_what_is_left(tiny_shapes, tmp_path):
-    # The real-batch-2 part on the tiny dataset: 2 runs (MABN, BN), 40 micro-batches of 2 = 2 SGD steps each.
-    tiny = _tiny_runs(tiny_shapes, "schedule.epochs=1")
+    # The real-batch-2 part on the tiny dataset: 2 runs (MABN, BN), 40 micro-batches of 2 = 2 SGD steps an epoch.
+    tiny = _tiny_runs(tiny_shapes, "schedule.epochs=2")
     cmd = [sys.executable, "scripts/repro.py", "--only", "real_b2", "--seeds", "0", "--lanes", "2",
            "--output-root", str(tmp_path / "out"), "--archive", str(tmp_path / "archive"), *tiny]
+    # First the first epoch of each: paused, not failed, nothing archived.
+    out = subprocess.run(cmd + ["train.stop_after_epochs=1"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert len([line for line in out.stdout.splitlines() if line.startswith("[lane") and " paused " in line]) == 2, out.stdout
+    assert "runs paused after epoch 1" in out.stdout and not (tmp_path / "archive").exists()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     done = [line for line in out.stdout.splitlines() if " done " in line]
