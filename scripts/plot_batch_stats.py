@@ -87,40 +87,36 @@ def lag_table(loaded: list, layers: list, edges: list[int]) -> list[str]:
     return rows
 
 
-def clip_table(loaded: list, edges: list[int]) -> list[str]:
-    """Markdown rows: BRN's shares of pairs with r and with d clipped, mean per run and window (in %)."""
+def run_window_table(loaded: list, edges: list[int], key: str, heading: str, cell) -> list[str]:
+    """Markdown rows, one per run that recorded the pseudo-layer `key`: `cell(records, a, b)` per window
+    [edges[i], edges[i+1]); no rows at all when no run recorded it."""
     windows = list(zip(edges, edges[1:]))
-    rows = ["| run | " + " | ".join(f"r / d clipped, iterations [{a}, {b})" for a, b in windows) + " |",
+    rows = ["| run | " + " | ".join(f"{heading}, iterations [{a}, {b})" for a, b in windows) + " |",
             "|---|" + "---|" * len(windows)]
     for label, series, _ in loaded:
-        clips = series.get(CLIPS)
-        if not clips:
-            continue
-        cells = []
-        for a, b in windows:
-            r = [v for step, v in clips["r"] if a <= step < b]
-            d = [v for step, v in clips["d"] if a <= step < b]
-            cells.append(f"{100 * statistics.fmean(r):.2f} % / {100 * statistics.fmean(d):.2f} % (n={len(r)})" if r else "-")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
+        if series.get(key):
+            rows.append(f"| {label} | " + " | ".join(cell(series[key], a, b) for a, b in windows) + " |")
     return rows if len(rows) > 2 else []
+
+
+def clip_table(loaded: list, edges: list[int]) -> list[str]:
+    """Markdown rows: BRN's shares of pairs with r and with d clipped, mean per run and window (in %)."""
+    def cell(clips, a, b):
+        r = [v for step, v in clips["r"] if a <= step < b]
+        d = [v for step, v in clips["d"] if a <= step < b]
+        return f"{100 * statistics.fmean(r):.2f} % / {100 * statistics.fmean(d):.2f} % (n={len(r)})" if r else "-"
+
+    return run_window_table(loaded, edges, CLIPS, "r / d clipped", cell)
 
 
 def all_layers_table(loaded: list, edges: list[int]) -> list[str]:
     """Markdown rows: the lag over every MABN/BRN layer and channel, per run and window (stats.all_layers)."""
-    windows = list(zip(edges, edges[1:]))
-    rows = ["| run | " + " | ".join(f"used/own - 1, mean abs log, iterations [{a}, {b})" for a, b in windows) + " |",
-            "|---|" + "---|" * len(windows)]
-    for label, series, _ in loaded:
-        lag = series.get(LAG)
-        if not lag:
-            continue
-        cells = []
-        for a, b in windows:
-            inside = [value for points in lag.values() for step, value in points if a <= step < b]
-            cells.append(f"{statistics.median(v[0] for v in inside):+.3f}, {statistics.fmean(v[1] for v in inside):.3f} "
-                         f"(n={len(inside)})" if inside else "-")
-        rows.append(f"| {label} | " + " | ".join(cells) + " |")
-    return rows if len(rows) > 2 else []
+    def cell(lag, a, b):
+        inside = [value for points in lag.values() for step, value in points if a <= step < b]
+        return (f"{statistics.median(v[0] for v in inside):+.3f}, {statistics.fmean(v[1] for v in inside):.3f} "
+                f"(n={len(inside)})" if inside else "-")
+
+    return run_window_table(loaded, edges, LAG, "used/own - 1, mean abs log", cell)
 
 
 def parse_edges(text: str) -> list[int]:
