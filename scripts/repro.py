@@ -106,18 +106,27 @@ class Plan:
 
     def __init__(self, experiment: str, output_root: str, extra: list[str], archive: pathlib.Path | None):
         self.experiment, self.output_root, self.extra, self.archive = experiment, output_root, extra, archive
-        self.dirs: dict[tuple[str, ...], pathlib.Path] = {}
+        self.composed: dict[tuple[str, ...], tuple[pathlib.Path, int | None]] = {}
 
     def overrides(self, run: list[str]) -> list[str]:
         return [f"experiment={self.experiment}", *run, f"output_root={self.output_root}", *self.extra]
 
-    def run_dir(self, run: list[str]) -> pathlib.Path:
+    def _compose(self, run: list[str]) -> tuple[pathlib.Path, int | None]:
+        """(run dir, train.stop_after_epochs) of the run's composed config."""
         with self.compose_lock:
-            if tuple(run) not in self.dirs:
+            if tuple(run) not in self.composed:
                 with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
                     cfg = compose(config_name="train", overrides=self.overrides(run), return_hydra_config=True)
-                self.dirs[tuple(run)] = pathlib.Path(str(cfg.output_root)) / str(cfg.task_name) / str(cfg.run_name)
-            return self.dirs[tuple(run)]
+                run_dir = pathlib.Path(str(cfg.output_root)) / str(cfg.task_name) / str(cfg.run_name)
+                self.composed[tuple(run)] = run_dir, cfg.train.get("stop_after_epochs")
+            return self.composed[tuple(run)]
+
+    def run_dir(self, run: list[str]) -> pathlib.Path:
+        return self._compose(run)[0]
+
+    def stop_after_epochs(self, run: list[str]) -> int | None:
+        """The epoch the run is asked to pause after (`train.stop_after_epochs`), None if it runs to its end."""
+        return self._compose(run)[1]
 
     def archived(self, run_dir: pathlib.Path) -> pathlib.Path | None:
         return self.archive / run_dir.parent.name / run_dir.name if self.archive else None
@@ -209,23 +218,17 @@ def archive_run(plan: Plan, run_dir: pathlib.Path) -> None:
             shutil.copy2(source, target / name)
 
 
-def stop_after_epochs(overrides: list[str]) -> int | None:
-    """K of an override `train.stop_after_epochs=K` (the trainer checks the value), else None."""
-    values = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").split("=", 1)[0] == "train.stop_after_epochs"]
-    return int(values[-1]) if values and values[-1].isdigit() else None
-
-
 def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir: pathlib.Path,
-              follow_up=None, pause_after: int | None = None) -> tuple[int, int | None]:
+              follow_up=None) -> tuple[int, int | None]:
     """Run `runs` in `lanes` parallel subprocesses, lowest rank first; returns the number of failed runs, and
-    the stop signal that ended the plan early (None if none came). With `pause_after` (K of the runs'
-    `train.stop_after_epochs=K`), a run that exits cleanly with K epochs recorded is paused, not failed.
+    the stop signal that ended the plan early (None if none came). A run asked to pause after epoch K
+    (`train.stop_after_epochs=K`) that exits cleanly with K epochs recorded is paused, not failed.
 
     `follow_up(rank, run)`, called after each finished run, returns more ranked runs to queue (third seeds).
     A stop signal (mabn.stop: SIGTERM, SIGUSR1, SIGUSR2) sent to this driver alone is passed on to the runs in
     progress, which checkpoint and exit as they do on their own; no lane starts another run."""
     todo: queue.PriorityQueue = queue.PriorityQueue()
-    queued, failed, lock, trained = set(), [], threading.Lock(), []
+    queued, failed, lock, trained, paused = set(), [], threading.Lock(), [], set()
     children: dict[int, subprocess.Popen] = {}
 
     def pass_on(signum: int) -> None:
@@ -289,8 +292,10 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                     eta = eta_hours(trained, left, lanes)
                 print(f"[lane {index}] {i}/{len(queued)} done  {run_dir.name}: top-1 err {final_error(run_dir):.2f} % "
                       f"in {minutes:.1f} min; {left} left, about {eta:.1f} h", flush=True)
-            elif code == 0 and pause_after and epochs_done(run_dir) >= pause_after:
-                print(f"[lane {index}] {i}/{len(queued)} paused {run_dir.name} after epoch {pause_after} "
+            elif code == 0 and (pause := plan.stop_after_epochs(run)) and epochs_done(run_dir) >= pause:
+                with lock:
+                    paused.add(pause)
+                print(f"[lane {index}] {i}/{len(queued)} paused {run_dir.name} after epoch {pause} "
                       f"(train.stop_after_epochs) in {minutes:.1f} min", flush=True)
             else:
                 with lock:
@@ -307,6 +312,9 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
             w.join()
     finally:
         stop.uninstall()
+    for pause in sorted(paused):
+        print(f"runs paused after epoch {pause} (train.stop_after_epochs={pause}); the same command "
+              f"without it trains them on", flush=True)
     return len(failed), stop.received
 
 
@@ -350,7 +358,6 @@ def main() -> int:
         raise SystemExit(f"error: --experiment={args.experiment!r} is not valid; valid: {', '.join(valid)}")
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.lanes)
     plan = Plan(args.experiment, args.output_root, args.overrides, args.archive)
-    pause_after = stop_after_epochs(args.overrides)
 
     ranked = ranked_runs(parts, seeds, norms, batches)
     if not ranked:
@@ -375,8 +382,7 @@ def main() -> int:
     log_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_lock.hold(log_dir):  # one driver per output root: a second would start the same runs
-            failures, stopped = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds,
-                                          pause_after=pause_after)
+            failures, stopped = run_lanes(plan, todo + due, args.lanes, threads, log_dir, follow_up=thirds)
     except run_lock.RunDirInUse as err:
         print(f"error: {args.output_root} is in use by another make repro ({err.holder}); wait for it, stop it "
               f"(kill: its runs checkpoint), or set --output-root", file=sys.stderr)
@@ -388,9 +394,6 @@ def main() -> int:
     if failures:
         print(f"error: {failures} runs failed; their logs are in {log_dir}", file=sys.stderr)
         return 1
-    if pause_after:
-        print(f"runs paused after epoch {pause_after} (train.stop_after_epochs={pause_after}); the same command "
-              f"without it trains them on", flush=True)
     return 0
 
 
