@@ -143,8 +143,7 @@ def lag_summary(layer: nn.Module, x: torch.Tensor) -> list[float]:
     with torch.no_grad():
         group = x[-b:].detach().double()
         if isinstance(layer, MABN2d):
-            filled = min(int(layer.chi_seen), layer.chi_ring.shape[0])
-            own, used = group.pow(2).mean((0, 2, 3)), layer.chi_ring[:filled].double().mean(0)
+            own, used = group.pow(2).mean((0, 2, 3)), _ring_filled(layer.chi_ring, layer.chi_seen).double().mean(0)
         else:
             own, used = group.var((0, 2, 3), unbiased=False), layer.running_std.double() ** 2
         ratio = (used + layer.eps) / (own + layer.eps)
@@ -157,10 +156,15 @@ def lag_layers(model: nn.Module) -> dict[str, nn.Module]:
             if (isinstance(m, MABN2d) and m.average == "sma" and m.average_forward) or isinstance(m, BatchRenorm2d)}
 
 
+def _ring_filled(ring: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    """The filled entries of a moving-average ring (all of it once full: their mean is then the SMA)."""
+    return ring[:min(int(seen), ring.shape[0])]
+
+
 def _ring_mean(ring: torch.Tensor, seen: torch.Tensor, c: int) -> float:
-    """Mean of the filled entries of a moving-average ring (the SMA once it is full)."""
-    filled = min(int(seen), ring.shape[0])
-    return ring[:filled, c].mean().item() if filled else float("nan")
+    """Mean of the filled entries of a moving-average ring in channel `c` (the SMA once it is full)."""
+    filled = _ring_filled(ring, seen)[:, c]
+    return filled.mean().item() if len(filled) else float("nan")
 
 
 def select_layers(model: nn.Module, names: list[str] | None) -> dict[str, nn.Module]:
