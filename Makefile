@@ -46,7 +46,7 @@ help:
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
 	@echo "make table | make plot     results.md/.csv, figure.md, runs.md and the error-vs-batch plot of every run under outputs/"
 	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,proposal,third]   the paper's comparison on Imagenette"
-	@echo "make test | make test-slow | make bench | make tensorboard"
+	@echo "make test [TEST_WORKERS=2] | make test-slow | make bench | make tensorboard"
 	@echo "make gpu-check [GPU_CHECK_OUT=dir] [ARGS=--dry-run]   the CUDA path's correctness and speed in one report (make gpu-wheels first)"
 	@echo "make test-gpu-torch [GPU_TORCH=2.11.0]   the tests and that dry run here on the GPU machines' torch (a side venv)"
 
@@ -78,8 +78,12 @@ plot: $(INSTALLED)
 data: $(INSTALLED)
 	$(PY) scripts/make_shapes_dataset.py
 
+# Most tests start a training process and wait on its imports (single-threaded), so TEST_WORKERS pytest-xdist
+# workers, one thread each, share the cores; TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+
 test: $(INSTALLED)
-	$(PY) -m pytest -q --durations=10
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=10 -n $(TEST_WORKERS)
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -q -m slow
