@@ -12,7 +12,7 @@ seeds, and so MABN's spread over seeds, before the real batch and the ablations)
              and GN once (batch independent; first seed only)
   real_b2    BN and MABN at a real per-process batch of 2, gradients accumulated over 16 micro-batches
   ablations  the MABN switches of configs/ablation/ at b = 2, and warmup100 at b = 32 and 2
-  proposal   MABN at b = 32 and 2 with its switch to moving averages where BRN's corrections start
+  proposal   MABN at every b of the figure with its switch to moving averages where BRN's corrections start
              (t0 = 500 iterations in this schedule), a rule proposed in docs/results/imagenette.md and
              kept out of the main table (tagged runs)
   third      a third seed wherever the first two seeds of a setting differ by more than --spread points;
@@ -68,7 +68,7 @@ def part_runs(part: str, seeds: list[int]) -> list[list[str]]:
             runs += [["norm=mabn", f"norm.norm_batch={b}", "ablation=warmup100", f"seed={seed}"] for b in (32, 2)]
         elif part == "proposal":
             runs += [["norm=mabn", f"norm.norm_batch={b}", f"norm.options.warmup={PROPOSED_WARMUP}",
-                      f"tag=-warmup{PROPOSED_WARMUP}", f"seed={seed}"] for b in (32, 2)]
+                      f"tag=-warmup{PROPOSED_WARMUP}", f"seed={seed}"] for b in FIGURE_BATCHES]
     return runs
 
 

@@ -16,7 +16,7 @@ def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations
     ranked = repro.ranked_runs(list(repro.PARTS), [0, 1])
     runs = [run for _, run in ranked]
     assert [rank for rank, _ in ranked] == sorted(rank for rank, _ in ranked)  # listed in run order
-    assert len(runs) == 2 * (15 + 2 + 7 + 2) + 1  # figure 3 norms x 5 b, real b=2, ablations, proposal; GN once
+    assert len(runs) == 2 * (15 + 2 + 7 + 5) + 1  # figure 3 norms x 5 b, real b=2, ablations, proposal; GN once
     figure = [r for r in runs if r[0] in ("norm=bn", "norm=brn", "norm=mabn") and r[1].startswith("norm.norm_batch")
               and len(r) == 3]
     assert {(r[0], r[1]) for r in figure} == {(f"norm={n}", f"norm.norm_batch={b}") for n in ("bn", "brn", "mabn")
@@ -29,8 +29,8 @@ def test_plan_is_the_papers_figure_for_every_seed_then_real_batch_then_ablations
                            ["norm=mabn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=1"],
                            ["norm=bn", "data.batch_per_gpu=2", "train.grad_accum=16", "seed=1"]]
     assert ["norm=mabn", "norm.norm_batch=2", "ablation=warmup100", "seed=1"] in runs
-    assert runs[-4:] == [["norm=mabn", f"norm.norm_batch={b}", "norm.options.warmup=500", "tag=-warmup500", f"seed={s}"]
-                         for s in (0, 1) for b in (32, 2)]  # tagged: out of the main table and plot
+    assert runs[-10:] == [["norm=mabn", f"norm.norm_batch={b}", "norm.options.warmup=500", "tag=-warmup500", f"seed={s}"]
+                          for s in (0, 1) for b in (32, 2, 4, 16, 8)]  # tagged: out of the main table and plot
 
 
 def test_norms_and_batches_pick_points_of_the_plan():
