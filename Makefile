@@ -79,11 +79,11 @@ data: $(INSTALLED)
 	$(PY) scripts/make_shapes_dataset.py
 
 # Most tests start a training process and wait on its imports (single-threaded), so TEST_WORKERS pytest-xdist
-# workers, one thread each, share the cores; TEST_WORKERS=0 runs the suite in one process.
+# workers, one thread each, share the cores; TEST_WORKERS=0 runs the suite in one process with torch's own threads.
 TEST_WORKERS ?= 2
 
 test: $(INSTALLED)
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q --durations=10 -n $(TEST_WORKERS)
+	$(if $(filter 0,$(TEST_WORKERS)),,OMP_NUM_THREADS=1) $(PY) -m pytest -q --durations=10 -n $(TEST_WORKERS)
 
 test-slow: $(INSTALLED)
 	$(PY) -m pytest -q -m slow
