@@ -8,6 +8,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+# Imported here, before any process group exists, for one side effect: its functions take `group.WORLD` as a
+# default argument, evaluated at import. Imported after init (torch._dynamo pulls it in), they hold the default
+# group past destroy_process_group, so its gloo threads live into interpreter shutdown, where one that frees a
+# tensor aborts the process (SIGABRT, "terminate called without an active exception") after the run's work is done.
+import torch.distributed.nn.functional  # noqa: F401
+
 
 @dataclass(frozen=True)
 class DistInfo:

@@ -43,9 +43,9 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
 class _AllReduceSum(torch.autograd.Function):
     """Sum over ranks whose gradient is the sum of the ranks' gradients.
 
-    Blocking `dist.all_reduce` on both passes. torch's `torch.distributed.nn.functional.all_reduce`
-    is deprecated and, through the functional collectives it now wraps, sometimes aborted a gloo
-    worker at exit ("terminate called without an active exception").
+    Blocking `dist.all_reduce` on both passes; torch's `torch.distributed.nn.functional.all_reduce` is
+    deprecated. (The gloo aborts at exit once seen with it likely came from that module imported after init:
+    mabn/distributed.py.)
     """
 
     @staticmethod
