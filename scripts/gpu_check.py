@@ -7,7 +7,10 @@
 
 Writes DIR/gpu_check.md and DIR/gpu_check.json (after every section, so a crash keeps what ran) and prints
 the summary table last. Each section runs on its own: a failure is reported with its traceback and the next
-section still runs.
+section still runs. `--budget` (default 480 s on the device, the issue's 8 minutes; none in the dry run)
+bounds the run: no section starts once it is spent (the rest are listed as skipped), waits for child
+processes end with it, and a check still running 30 s past it prints every thread's stack (a hang shows
+where it is before the machine's limit kills it).
 
 Sections: environment; correctness (the float64 reference tests on the device, GN/LN/IN against
 torch, MABN under float16/bfloat16 autocast, folding ResNet-50, 30 steps of ResNet-50 with AMP +
@@ -24,9 +27,11 @@ import argparse
 import collections
 import copy
 import datetime
+import faulthandler
 import io
 import json
 import logging
+import math
 import os
 import pathlib
 import platform
@@ -70,14 +75,28 @@ def amp_step(net, opt, scaler, x, y, device: str) -> torch.Tensor:
 class Check:
     """Collects sections (markdown), numbers (json) and summary rows (name, result, detail)."""
 
-    def __init__(self, device: str, dry: bool, compile_steps: tuple):
+    def __init__(self, device: str, dry: bool, compile_steps: tuple, budget: float = math.inf):
         self.device, self.dry, self.compile_steps = device, dry, compile_steps
+        self.budget, self.deadline = budget, time.monotonic() + budget
         self.sections, self.numbers, self.summary = [], {}, []
         self.probes: dict[str, subprocess.Popen] = {}  # compile probes running in child processes (section 7)
         self.compile_tests: subprocess.Popen | None = None  # and the compile tests (section 7)
         self.warm: dict[str, subprocess.Popen] = {}  # section 10's compiled models, compiled beforehand in children
 
+    def left(self) -> float:
+        """Seconds of the budget left (negative once spent)."""
+        return self.deadline - time.monotonic()
+
+    def wait(self, child: subprocess.Popen, timeout: float) -> tuple[str, str, bool]:
+        """`wait_for(child, timeout)`, the wait cut short where the budget ends first."""
+        return wait_for(child, max(0.0, min(timeout, self.left())))
+
     def section(self, title: str, fn) -> None:
+        if self.left() <= 0:  # a section is never cut off: it starts only while time is left
+            skipped = f"skipped: the {self.budget:g} s budget was spent"
+            self.sections.append(f"## {title}\n\n{skipped}.\n")
+            self.summary.append([title, skipped, "0 s"])
+            return
         print(f"== {title}", file=sys.stderr, flush=True)
         started = time.time()
         try:
@@ -163,7 +182,7 @@ def how_it_ended(child: subprocess.Popen, stderr: str) -> dict:
 
 def finish_pytest(check: Check, name: str, child: subprocess.Popen) -> str:
     """Wait for `start_pytest`'s child; its tail as markdown, raising when it failed."""
-    stdout, stderr, _ = wait_for(child, timeout=300)  # stopped: killed, a failure below
+    stdout, stderr, _ = check.wait(child, timeout=300)  # stopped: killed, a failure below
     tail = "\n".join(stdout.strip().splitlines()[-15:])
     check.numbers[name] = tail.splitlines()[-1] if tail else ""
     if child.returncode != 0:
@@ -388,8 +407,10 @@ def start_probes(check: Check) -> None:
 
 def finish_probe(check: Check, key: str) -> dict:
     child = check.probes.pop(key)
-    stdout, stderr, _ = wait_for(child, timeout=600)  # a tiny net still compiling then hangs: killed, a crash below
+    stdout, stderr, stopped = check.wait(child, timeout=600)
     notes = sorted({line.strip()[:160] for line in stderr.splitlines() if "cudagraph" in line.lower()})
+    if stopped:  # a tiny net still compiling has hung, or the budget ended: treated as a crash (not timed in section 10)
+        return dict(crashed=True, error="still running when the wait ended, stopped", notes=notes)
     return dict(child_result(child, stdout, stderr), notes=notes)
 
 
@@ -656,9 +677,11 @@ def finish_warm_compiles(check: Check) -> None:
     each one's first-step seconds, or how it ended, in check.numbers["warm_compile"]."""
     for key, child in list(check.warm.items()):
         # a hung child must not hold the check: stopped, not a crash, its row compiles in the check's own process
-        stdout, stderr, stopped = wait_for(child, timeout=WARM_TIMEOUT_S)
+        waited = time.monotonic()
+        stdout, stderr, stopped = check.wait(child, timeout=WARM_TIMEOUT_S)
+        waited = time.monotonic() - waited
         del check.warm[key]
-        result = (dict(error=f"still compiling after {WARM_TIMEOUT_S} s more, stopped") if stopped
+        result = (dict(error=f"still compiling after {waited:.0f} s more, stopped") if stopped
                   else child_result(child, stdout, stderr))
         check.numbers.setdefault("warm_compile", {})[key] = result
 
@@ -670,6 +693,9 @@ def step_speed(check: Check) -> str:
     warm = check.numbers.get("warm_compile", {})
     rows = []
     for batch in STEP_BATCHES:
+        if check.left() <= 0:  # N = 32 took the rest of the budget: N = 2 is named, not timed
+            rows.append([str(batch), "all", "skipped", f"the {check.budget:g} s budget was spent", "-", "-"])
+            continue
         # train.compile (torch.compile of the whole model) where --compile-steps asks (default: both N, since on an
         # H100 eager steps are bound by the host's launches at N = 32 too); compiled beforehand (start_warm_compiles).
         compiled, failures = {}, {}
@@ -777,6 +803,8 @@ def loader_speed(check: Check) -> str:
     return text
 
 
+BUDGET_S = 480.0  # the issue's 8 minutes on one GPU; the device call's own limit should leave a minute beyond it
+
 SECTIONS = [
     ("Environment", environment),
     ("Correctness: float64 reference tests on the device", reference_tests),
@@ -799,6 +827,9 @@ def main() -> int:
     parser.add_argument("--out", help="folder for gpu_check.md and gpu_check.json (required)")
     parser.add_argument("--dry-run", action="store_true", help="run everything on CPU at toy sizes")
     parser.add_argument("--only", help="comma-separated section numbers (1-based) to run")
+    parser.add_argument("--budget", type=float,
+                        help=f"seconds the check may take (default {BUDGET_S:.0f} on the device, the issue's 8 minutes; "
+                             "none in the dry run): no section starts after them, child processes are not waited for past them")
     parser.add_argument("--compile-steps", default="32:reduce-overhead,2:reduce-overhead",
                         help="train.compile rows of the ResNet-50 step table, N:MODE comma-separated "
                              f"(N 32 or 2; MODE {', '.join(MODES)}); default both N with CUDA graphs (a norm that fails "
@@ -828,6 +859,10 @@ def main() -> int:
         print("error: no CUDA device is visible; `python scripts/gpu_check.py --dry-run --out DIR` runs the same code on CPU",
               file=sys.stderr)
         return 2
+    if args.budget is not None and not 0 < args.budget < math.inf:
+        print(f"error: --budget={args.budget:g} is not valid; valid: a number of seconds > 0", file=sys.stderr)
+        return 2
+    budget = args.budget if args.budget is not None else math.inf if args.dry_run else BUDGET_S
     only = None
     if args.only:
         try:
@@ -839,8 +874,10 @@ def main() -> int:
             return 2
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run, compile_steps)
+    check = Check("cpu" if args.dry_run else "cuda:0", args.dry_run, compile_steps, budget)
     started = time.time()
+    if budget < math.inf:
+        faulthandler.dump_traceback_later(budget + 30, exit=False)  # a hang prints where it hangs
     source = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short=10", "HEAD"], capture_output=True, text=True).stdout.strip()
     section_of = {fn: index for index, (_, fn) in enumerate(SECTIONS, 1)}
     if only is None or section_of[compiled_phases] in only:
@@ -852,6 +889,7 @@ def main() -> int:
         if only is None or index in only:
             check.section(title, lambda fn=fn: fn(check))
             summary = write_report(out, check, source, started)  # after each section: a crash keeps what ran
+    faulthandler.cancel_dump_traceback_later()
     print("\n".join(check.sections))
     print(summary)
     return 0 if all(row[1] == "ok" for row in check.summary) else 1

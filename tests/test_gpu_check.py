@@ -118,3 +118,39 @@ def test_the_sync_section_names_the_trainers_syncs_and_fails_on_one_without_a_re
     monkeypatch.setattr(engine.LatestLoss, "read", read_and_wait)
     with pytest.raises(AssertionError, match="without a known reason in the trainer's step: test_gpu_check.py:read_and_wait"):
         gpu_check.host_syncs(check)
+
+
+def test_the_budget_ends_waits_for_children_and_skips_the_sections_not_started():
+    import time
+
+    from scripts import gpu_check
+
+    check = gpu_check.Check("cpu", dry=True, compile_steps=(), budget=2.0)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    started = time.monotonic()
+    check.section("waits for a hung child", lambda: f"stopped: {check.wait(child, timeout=300)[2]}")
+    assert time.monotonic() - started < 30 and child.returncode is not None  # killed when the budget ended
+    check.section("starts after the budget", lambda: "ran")
+    assert check.summary[0][1] == "ok" and "stopped: True" in check.sections[0]
+    assert check.summary[1][1] == "skipped: the 2 s budget was spent" and "ran" not in check.sections[1]
+    # the step table names the N it did not reach instead of timing it
+    rows = [line for line in gpu_check.step_speed(check).splitlines() if "| all | skipped |" in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["32", "2"]
+
+
+def test_a_spent_budget_still_writes_the_report_and_prints_the_summary_last(tmp_path):
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path), "--only", "1,3",
+                           "--budget", "1e-9"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())["summary"]
+    assert [row[1] for row in summary] == ["skipped: the 1e-09 s budget was spent"] * 2
+    assert done.stdout.rstrip().endswith("|")
+
+
+def test_a_bad_budget_fails_in_one_line_before_anything_is_written(tmp_path):
+    out = tmp_path / "report"
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), "--budget", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: --budget=0 is not valid; valid: a number of seconds > 0") and not out.exists()
