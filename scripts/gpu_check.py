@@ -30,7 +30,6 @@ import datetime
 import faulthandler
 import io
 import json
-import logging
 import math
 import os
 import pathlib
@@ -47,15 +46,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # scripts.bench
-# torch.utils.benchmark's import logs "No CUDA runtime is found" on CPU machines: noise before our one-line answer
-logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from scripts.bench import bench_models, bench_norms  # noqa: E402  (first: it quiets torch.utils.benchmark's import)
+from scripts.bench.common import compare, kernel_calls, markdown_table, wall  # noqa: E402
 from mabn.compile import MODES, compile_model  # noqa: E402
 from mabn.engine import autocast  # noqa: E402
 from mabn.fold import fold_norms  # noqa: E402
 from mabn.models import build_model  # noqa: E402
 from mabn.norms import CenConv2d, MABN2d, build_norm  # noqa: E402
-from scripts.bench import bench_models, bench_norms  # noqa: E402
-from scripts.bench.common import compare, kernel_calls, markdown_table, wall  # noqa: E402
 
 NVIDIA_A100_RN50_AMP = 2470  # img/s, DeepLearningExamples ResNet-50 v1.5, A100 80GB, AMP, batch 256 (published)
 PAPER_INFERENCE = {"bn": 237.88, "mabn folded": 237.88, "gn": 99.37, "ln": 125.44, "in": 105.60}  # it/s, SPEC §5

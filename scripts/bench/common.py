@@ -1,11 +1,15 @@
 """Side-by-side timing for the benchmarks: every candidate of a comparison is measured in the same process,
 interleaved over several rounds, and reported as a ratio to the baseline with the absolute times beside."""
+import logging
 import statistics
 import time
 from typing import Callable
 
 import torch
-from torch.utils.benchmark import Timer
+
+# torch.utils.benchmark's import logs "No CUDA runtime is found" on CPU machines: noise above every report
+logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+from torch.utils.benchmark import Timer  # noqa: E402
 
 STEADY = dict(warmup=0, renorm_start=0)  # MABN past its warmup from the first step: averages and r on
 
