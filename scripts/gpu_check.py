@@ -80,6 +80,16 @@ class Check:
         self.compile_tests: subprocess.Popen | None = None  # and the compile tests (section 7)
         self.warm: dict[str, subprocess.Popen] = {}  # section 10's compiled models, compiled beforehand in children
 
+    def stop_children(self) -> None:
+        """Kill the child processes not waited for (their sections skipped, or the check failed before): left
+        running they would outlive the check, compiling on the device after the call has ended."""
+        children = [*self.probes.values(), *self.warm.values(), *([self.compile_tests] if self.compile_tests else [])]
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+                child.communicate()  # reaped, its pipes drained
+        self.probes, self.warm, self.compile_tests = {}, {}, None
+
     def left(self) -> float:
         """Seconds of the budget left (negative once spent)."""
         return self.deadline - time.monotonic()
@@ -882,11 +892,14 @@ def main() -> int:
     step_section = section_of[step_speed]
     if only is None or step_section in only and min(only) < step_section:  # something to run beside them
         start_warm_compiles(check)
-    for index, (title, fn) in enumerate(SECTIONS, 1):
-        if only is None or index in only:
-            check.section(title, lambda fn=fn: fn(check))
-            summary = write_report(out, check, source, started)  # after each section: a crash keeps what ran
-    faulthandler.cancel_dump_traceback_later()
+    try:
+        for index, (title, fn) in enumerate(SECTIONS, 1):
+            if only is None or index in only:
+                check.section(title, lambda fn=fn: fn(check))
+                summary = write_report(out, check, source, started)  # after each section: a crash keeps what ran
+    finally:
+        check.stop_children()
+        faulthandler.cancel_dump_traceback_later()
     print("\n".join(check.sections))
     print(summary)
     return 0 if all(row[1] == "ok" for row in check.summary) else 1

@@ -139,13 +139,31 @@ def test_the_budget_ends_waits_for_children_and_skips_the_sections_not_started()
     assert [row.split("|")[1].strip() for row in rows] == ["32", "2"]
 
 
-def test_a_spent_budget_still_writes_the_report_and_prints_the_summary_last(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path), "--only", "1,3",
-                           "--budget", "1e-9"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1, done.stderr[-3000:]
-    summary = json.loads((tmp_path / "gpu_check.json").read_text())["summary"]
-    assert [row[1] for row in summary] == ["skipped: the 1e-09 s budget was spent"] * 2
-    assert done.stdout.rstrip().endswith("|")
+def test_a_spent_budget_still_writes_the_report_prints_the_summary_last_and_leaves_no_child_running(tmp_path):
+    import os
+    import signal
+
+    # sections 7 and 10 start their compiling children with the check; skipped, nobody waits for them
+    check = subprocess.Popen([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path), "--only", "1,7,10",
+                              "--budget", "1e-9"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own process group: the children's too
+    try:
+        stdout, stderr = check.communicate(timeout=300)
+        assert check.returncode == 1, stderr[-3000:]
+        summary = json.loads((tmp_path / "gpu_check.json").read_text())["summary"]
+        assert [row[1] for row in summary] == ["skipped: the 1e-09 s budget was spent"] * 3
+        assert stdout.rstrip().endswith("|")
+        try:
+            os.killpg(check.pid, 0)
+            left_running = True
+        except ProcessLookupError:
+            left_running = False
+        assert not left_running, "a child of the check outlived it"
+    finally:
+        try:
+            os.killpg(check.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_a_bad_budget_fails_in_one_line_before_anything_is_written(tmp_path):
