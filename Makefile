@@ -111,10 +111,11 @@ GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_OUT ?= outputs/gpu_check
 GPU_DEPS ?= /tmp/mabn-gpu-deps
 GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+# Unbuffered: a run that the machine's limit stops still shows everything it printed.
 gpu-check:
 	@if [ -d .gpu-wheels ] && ! $(GPU_PY) -c "import hydra, omegaconf" 2>/dev/null; then \
 	    $(GPU_PY) -m pip install --quiet --no-index --no-deps --target $(GPU_DEPS) .gpu-wheels/*.whl; fi
-	PYTHONPATH=src:$(GPU_DEPS) $(GPU_PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
+	PYTHONUNBUFFERED=1 PYTHONPATH=src:$(GPU_DEPS) $(GPU_PY) scripts/gpu_check.py --out $(GPU_CHECK_OUT) $(ARGS)
 
 gpu-wheels: $(INSTALLED)
 	$(PY) -m pip wheel --quiet --no-deps -w .gpu-wheels $(GPU_WHEELS)
