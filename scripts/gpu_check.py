@@ -90,17 +90,22 @@ class Check:
                 child.communicate()  # reaped, its pipes drained
         self.probes, self.warm, self.compile_tests = {}, {}, None
 
-    def left(self) -> float:
-        """Seconds of the budget left (negative once spent)."""
-        return self.deadline - time.monotonic()
+    def spent(self) -> str | None:
+        """Why nothing more starts, once the budget is spent; else None."""
+        return f"the {self.budget:g} s budget was spent" if time.monotonic() >= self.deadline else None
 
     def wait(self, child: subprocess.Popen, timeout: float) -> tuple[str, str, bool]:
-        """`wait_for(child, timeout)`, the wait cut short where the budget ends first."""
-        return wait_for(child, max(0.0, min(timeout, self.left())))
+        """The child's (stdout, stderr, whether it was stopped) once it exits, killing it after `timeout` seconds
+        or where the budget ends, whichever comes first."""
+        try:
+            return *child.communicate(timeout=max(0.0, min(timeout, self.deadline - time.monotonic()))), False
+        except subprocess.TimeoutExpired:
+            child.kill()
+            return *child.communicate(), True
 
     def section(self, title: str, fn) -> None:
-        if self.left() <= 0:  # a section is never cut off: it starts only while time is left
-            skipped = f"skipped: the {self.budget:g} s budget was spent"
+        if spent := self.spent():  # a section is never cut off: it starts only while time is left
+            skipped = f"skipped: {spent}"
             self.sections.append(f"## {title}\n\n{skipped}.\n")
             self.summary.append([title, skipped, "0 s"])
             return
@@ -148,15 +153,6 @@ def start_pytest(files: list, selection: str) -> subprocess.Popen:
     """`pytest -q FILES -k SELECTION` on this machine's torch, started in a child process."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, "-k", selection]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(child: subprocess.Popen, timeout: float) -> tuple[str, str, bool]:
-    """The child's (stdout, stderr, whether it was stopped) once it exits, killing it after `timeout` seconds."""
-    try:
-        return *child.communicate(timeout=timeout), False
-    except subprocess.TimeoutExpired:
-        child.kill()
-        return *child.communicate(), True
 
 
 def compile_child_env(children: int) -> dict:
@@ -700,8 +696,8 @@ def step_speed(check: Check) -> str:
     warm = check.numbers.get("warm_compile", {})
     rows = []
     for batch in STEP_BATCHES:
-        if check.left() <= 0:  # N = 32 took the rest of the budget: N = 2 is named, not timed
-            rows.append([str(batch), "all", "skipped", f"the {check.budget:g} s budget was spent", "-", "-"])
+        if spent := check.spent():  # N = 32 took the rest of the budget: N = 2 is named, not timed
+            rows.append([str(batch), "all", "skipped", spent, "-", "-"])
             continue
         # train.compile (torch.compile of the whole model) where --compile-steps asks (default: both N, since on an
         # H100 eager steps are bound by the host's launches at N = 32 too); compiled beforehand (start_warm_compiles).

@@ -27,12 +27,19 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path):
     assert done.returncode == 2 and done.stderr.startswith("error: no CUDA device") and len(done.stderr.splitlines()) == 1
 
 
-def test_bad_compile_steps_fail_in_one_line_before_anything_is_written(tmp_path):
+def refused(tmp_path, *args: str) -> str:
+    """The dry run with bad `args`: exit 2, one line on stderr (returned), nothing written."""
     out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), "--compile-steps", "32:fast"],
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
-    assert done.stderr.startswith("error: --compile-steps item '32:fast' is not valid; valid: N:MODE") and not out.exists()
+    assert not out.exists()
+    return done.stderr
+
+
+def test_bad_compile_steps_fail_in_one_line_before_anything_is_written(tmp_path):
+    assert refused(tmp_path, "--compile-steps", "32:fast").startswith(
+        "error: --compile-steps item '32:fast' is not valid; valid: N:MODE")
 
 
 def test_compare_times_the_others_when_one_candidate_fails():
@@ -167,8 +174,4 @@ def test_a_spent_budget_still_writes_the_report_prints_the_summary_last_and_leav
 
 
 def test_a_bad_budget_fails_in_one_line_before_anything_is_written(tmp_path):
-    out = tmp_path / "report"
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(out), "--budget", "0"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and len(done.stderr.splitlines()) == 1, done.stderr
-    assert done.stderr.startswith("error: --budget=0 is not valid; valid: a number of seconds > 0") and not out.exists()
+    assert refused(tmp_path, "--budget", "0").startswith("error: --budget=0 is not valid; valid: a number of seconds > 0")
