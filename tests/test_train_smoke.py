@@ -16,8 +16,13 @@ def _run(cmd, **kw):
 @pytest.mark.parametrize("norm", ["bn", "mabn"])
 def test_tiny_run_writes_events_metrics_and_checkpoints(tiny_shapes, tmp_path, norm):
     out = _run(train_command(tiny_shapes, tmp_path, f"norm={norm}", "data.batch_per_gpu=4", "norm.norm_batch=2",
-                             "schedule.epochs=2", "train.log_every=1"))
+                             "schedule.epochs=2", "train.log_every=1", "train.progress=true"))
     assert out.returncode == 0, out.stderr[-3000:]
+    # stderr is a pipe here, as a log file is under SLURM: the bar is drawn at its start and end (redraws once a
+    # minute), not every 0.1 s nor at every loss shown; its last draw shows the loss
+    for epoch in (1, 2):
+        draws = [d for d in out.stderr.replace("\r", "\n").splitlines() if d.startswith(f"epoch {epoch}/2:")]
+        assert len(draws) == 2 and "20/20" in draws[-1] and "loss=" in draws[-1], draws
     started = re.findall(r"first training step done ([0-9.]+) s after the process started", out.stdout)
     assert len(started) == 1 and 0 < float(started[0]) < 300, out.stdout[-2000:]
     run_dir = tmp_path / "train" / f"shapes10-resnet18_cpu-{norm}-b2-n4-s0"
