@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 FIRST_STEP = "first training step done"  # the log line that times start-up (scripts/bench/bench_scale.py waits for it)
 # Seconds between redraws of the training bar when stderr is a file (SLURM, nohup, `2> log`): there every redraw
 # is kept, and tqdm's 0.1 s would add about 80 MB a day of bar to the log; on a terminal it redraws in place.
+# Both intervals: tqdm's monitor thread otherwise forces a redraw after maxinterval (10 s).
 LOG_FILE_BAR_SECONDS = 60
 
 
@@ -211,7 +212,7 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
                     bar.close()
                     return dict(stopped=True)
         bar.update(1)
-        if info.is_main and cfg.train.progress and progress.batch % 10 == 0:
+        if not bar.disable and progress.batch % 10 == 0:
             # shown at the bar's next redraw: refreshing here would redraw every 10 batches whatever the interval
             bar.set_postfix(loss=f"{latest.read():.3f}", lr=f"{job.optimizer.param_groups[0]['lr']:.4f}", refresh=False)
         if progress.batch >= epoch_batches:
