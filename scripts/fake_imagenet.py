@@ -14,9 +14,8 @@ import os
 import pathlib
 import sys
 
-from tqdm import tqdm
-
 from mabn.data.folder import IMG_EXTENSIONS
+from mabn.progress import progress_bar
 
 
 def pool_images(pool: str | None, dst: pathlib.Path) -> list[str]:
@@ -54,7 +53,7 @@ def main() -> int:
         if not (dst / ".pool" / f"{k}.JPEG").exists():
             os.symlink(source, dst / ".pool" / f"{k}.JPEG")
     total = args.classes * (args.train_per_class + args.val_per_class)
-    with tqdm(total=total, unit="link", desc="linking") as bar:
+    with progress_bar(total=total, unit="link", desc="linking") as bar:
         k = 0
         for c in range(args.classes):
             wnid = f"n{90000000 + c:08d}"

@@ -1,6 +1,7 @@
 """Re-estimated inference statistics (mabn.precise_stats): equal-weight averages of each layer's own per-batch
 estimate, computed with the final weights in training mode, on a copy of the network."""
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -95,10 +96,13 @@ def test_norms_without_statistics_are_left_as_they_are():
     torch.testing.assert_close(precise(x), net.eval()(x), rtol=0, atol=0)
 
 
-def test_evaluate_scores_the_reestimated_network_beside_the_trained_one(mabn_run):
+def test_evaluate_scores_the_reestimated_network_beside_the_trained_one(mabn_run, capsys):
     settings = EvalSettings(workers=0, progress=False, device="cpu", precise_images=20)
-    record = evaluate_checkpoint(mabn_run, settings)
+    record = evaluate_checkpoint(mabn_run, dataclasses.replace(settings, progress=True))
     assert (record["precise_layers"], record["precise_batch"], record["precise_images"]) == (20, 8, 24)
+    # the re-estimation's bar knows its length (3 batches of 8), so it shows a percentage and an ETA
+    bar = [d for d in capsys.readouterr().err.replace("\r", "\n").splitlines() if d.startswith("re-estimating")]
+    assert "100%" in bar[-1] and "3/3" in bar[-1], bar
     assert record["precise"]["loss"] != record["trained"]["loss"]
     assert evaluate_checkpoint(mabn_run, settings)["precise"] == record["precise"]  # seeded: the same images
     with pytest.raises(ValueError, match="--precise-stats -1 is not valid"):

@@ -3,13 +3,11 @@ import contextlib
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from .data import DatasetError
 from .distributed import (
@@ -17,14 +15,11 @@ from .distributed import (
     RankAveragedRunningStats,
     all_reduce_sum,
 )
+from .progress import progress_bar
 from .stop import StopSignal
 
 log = logging.getLogger(__name__)
 FIRST_STEP = "first training step done"  # the log line that times start-up (scripts/bench/bench_scale.py waits for it)
-# Seconds between redraws of the training bar when stderr is a file (SLURM, nohup, `2> log`): there every redraw
-# is kept, and tqdm's 0.1 s would add about 80 MB a day of bar to the log; on a terminal it redraws in place.
-# Both intervals: tqdm's monitor thread otherwise forces a redraw after maxinterval (10 s).
-LOG_FILE_BAR_SECONDS = 60
 
 
 class NonFiniteLoss(RuntimeError):
@@ -131,11 +126,9 @@ def train_one_epoch(job, progress: Progress, stop: StopSignal) -> dict:
     epoch_batches = job.steps_per_epoch * accum
     model.train()
     job.loaders.set_epoch(progress.epoch, progress.batch)
-    bar = tqdm(
-        total=epoch_batches,
-        initial=progress.batch, disable=not (info.is_main and cfg.train.progress),
-        desc=f"epoch {progress.epoch + 1}/{cfg.schedule.epochs}", unit="batch", dynamic_ncols=True,
-        **({} if sys.stderr.isatty() else dict(mininterval=LOG_FILE_BAR_SECONDS, maxinterval=LOG_FILE_BAR_SECONDS)),
+    bar = progress_bar(
+        total=epoch_batches, initial=progress.batch, disable=not (info.is_main and cfg.train.progress),
+        desc=f"epoch {progress.epoch + 1}/{cfg.schedule.epochs}", unit="batch",
     )
     # float64: an epoch's sum of float32 losses is then exact, so a resumed epoch's mean is the uninterrupted one's.
     loss_sum, loss_count, images, skipped_images, data_time = torch.zeros((), device=info.device, dtype=torch.float64), 0, 0, 0, 0.0

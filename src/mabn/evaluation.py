@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .data import DatasetError, build_loaders, resolve_root
 from .data.folder import SeededImageFolder, class_names, collate_skipping_unreadable
@@ -35,6 +34,7 @@ from .engine import autocast, error_rates, score
 from .fold import eval_affine_defined, fold_norms
 from .models.trained import RunError, Trained, checkpoint_of, load_trained
 from .precise_stats import AVERAGES, coupled, recompute_running_stats
+from .progress import progress_bar
 from .train import source_version
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def score_networks(networks: dict, loader, labels_of: torch.Tensor, device: str,
     agree = torch.zeros((), dtype=torch.float64, device=device)
     unreadable = 0
     started = time.perf_counter()
-    for images, labels, skipped in tqdm(loader, desc="evaluating", unit="batch", disable=not settings.progress):
+    for images, labels, skipped in progress_bar(loader, desc="evaluating", unit="batch", disable=not settings.progress):
         unreadable += skipped
         if labels.numel() == 0:
             continue
@@ -246,7 +246,7 @@ def precise_network(trained: Trained, settings: EvalSettings, device: str) -> tu
                     "forward normalizes by: each layer's estimate is made against statistics the pass then replaces "
                     "(not self-consistent); --precise-average ema (the default, auto) re-estimates them jointly")
     done = recompute_running_stats(trained.net, itertools.islice(train_batches(), batches), device,
-                                   settings.progress, settings.precise_average)
+                                   settings.progress, settings.precise_average, total=batches)
     used = dict(images=batches * batch, batch=batch, layers=done.layers, average=done.average,
                 epoch=settings.precise_epoch, epochs=epochs, trained_weight=done.trained_weight)
     return done.net, used if done.renorm_clips is None else dict(used, renorm_clips=done.renorm_clips)

@@ -31,9 +31,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
-
 from .norms import BatchRenorm2d, MABN2d
+from .progress import progress_bar
 from .renorm_clips import RenormClipCounter
 
 RUNNING = ("running_mean", "running_var", "running_std")
@@ -76,9 +75,10 @@ class Reestimated:
 
 @torch.no_grad()
 def recompute_running_stats(net: nn.Module, batches, device: str, progress: bool = True,
-                            average: str = "auto") -> Reestimated:
+                            average: str = "auto", total: int | None = None) -> Reestimated:
     """A copy of `net` whose running statistics are re-estimated over `batches` (an iterable of
-    (images, labels, skipped) training batches) with equal weights or the layers' own moving averages."""
+    (images, labels, skipped) training batches) with equal weights or the layers' own moving averages;
+    `total`: how many batches that is, for the progress bar (default: len(batches) where it has one)."""
     if average not in AVERAGES:
         raise ValueError(f"average={average!r} is not valid; valid: {', '.join(AVERAGES)}")
     fresh = copy.deepcopy(net).to(device).train()
@@ -94,7 +94,7 @@ def recompute_running_stats(net: nn.Module, batches, device: str, progress: bool
             for m, stats in held.items()}
     seen = 0
     with RenormClipCounter(fresh) as clips:
-        for images, _, _ in tqdm(batches, desc="re-estimating statistics", unit="batch", disable=not progress):
+        for images, _, _ in progress_bar(batches, total=total, desc="re-estimating statistics", unit="batch", disable=not progress):
             if len(images) == 0:
                 continue
             seen += 1

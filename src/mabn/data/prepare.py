@@ -9,8 +9,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from tqdm import tqdm
 
+from ..progress import progress_bar
 from .folder import DatasetError, class_names
 from .lock import exclusive
 
@@ -62,7 +62,7 @@ def sort_val_folder(val_dir: str | os.PathLike, labels: dict[str, str], out_dir=
     missing = [p.name for p in images if p.stem not in labels]
     if missing:
         raise DatasetError(f"{len(missing)} images of {val_dir} have no label (first: {missing[0]}); wrong labels file?")
-    for path in tqdm(images, desc="sorting val", unit="img", disable=not progress):
+    for path in progress_bar(images, desc="sorting val", unit="img", disable=not progress):
         target = out_dir / labels[path.stem] / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         if link:
@@ -117,7 +117,7 @@ def find_unreadable(root: str | os.PathLike, workers: int = 2, progress: bool = 
     bad = []
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
         results = pool.map(_check_image, files, chunksize=64)
-        for path, reason in tqdm(zip(files, results), total=len(files), desc="verifying", unit="img", disable=not progress):
+        for path, reason in progress_bar(zip(files, results), total=len(files), desc="verifying", unit="img", disable=not progress):
             if reason is not None:
                 bad.append((path, reason))
     return bad
@@ -162,7 +162,7 @@ def _resize_tree(src: pathlib.Path, dst: pathlib.Path, short_side: int, workers:
             target.parent.mkdir(parents=True, exist_ok=True)
             jobs.append((str(path), str(target), short_side))
     with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-        failures = [f for f in tqdm(pool.map(_resize_one, jobs, chunksize=64), total=len(jobs), desc=f"resizing to {short_side}px",
+        failures = [f for f in progress_bar(pool.map(_resize_one, jobs, chunksize=64), total=len(jobs), desc=f"resizing to {short_side}px",
                                     unit="img", disable=not progress) if f]
     if failures:
         raise DatasetError(f"{len(failures)} images could not be resized (first: {failures[0]}); see scripts/verify_dataset.py")

@@ -14,6 +14,7 @@ import tempfile
 
 from PIL import Image, ImageDraw, ImageFilter
 
+from ..progress import progress_bar
 from .lock import exclusive
 
 CLASSES = [
@@ -107,9 +108,7 @@ def _generate(root: pathlib.Path, train_per_class: int, val_per_class: int, size
     rng = random.Random(seed)
     jobs = [(split, label, k) for split, per in (("train", train_per_class), ("val", val_per_class))
             for label in range(len(CLASSES)) for k in range(per)]
-    from tqdm import tqdm
-
-    for split, label, k in tqdm(jobs, desc=f"generating {root.name}", disable=not progress, unit="img"):
+    for split, label, k in progress_bar(jobs, desc=f"generating {root.name}", disable=not progress, unit="img"):
         folder = staging / split / WNIDS[label]
         folder.mkdir(parents=True, exist_ok=True)
         draw(label, size, rng).save(folder / f"{WNIDS[label]}_{split}_{k:05d}.JPEG", quality=90)
