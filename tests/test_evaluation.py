@@ -104,6 +104,8 @@ def test_a_checkpoint_without_class_names_is_scored_when_the_count_matches(mabn_
 
 @pytest.mark.parametrize("settings, message", [
     (dict(val_resize=20), "--val-resize 20 is smaller than --crop-size 32"),
+    (dict(crop_size=0), "--crop-size 0 is not valid; valid: a positive number of pixels"),
+    (dict(val_resize=0), "--val-resize 0 is not valid; valid: a positive number of pixels"),
     (dict(batch=0), "--batch 0 is not valid"),
     (dict(split="test"), "test does not exist"),
     (dict(device="tpu"), "--device 'tpu' is not valid; valid: auto, cpu, cuda"),

@@ -90,8 +90,9 @@ def resolve_device(device: str) -> str:
 def sizes(trained: Trained, settings: EvalSettings) -> tuple[int, int]:
     """(crop, resize): given ones, else the run's; a new crop alone keeps the run's resize/crop ratio."""
     data = trained.config.data
-    crop = settings.crop_size or data.crop_size
-    resize = settings.val_resize or (data.val_resize if crop == data.crop_size else round(crop * data.val_resize / data.crop_size))
+    crop = data.crop_size if settings.crop_size is None else settings.crop_size  # `or` would take 0 for the run's
+    resize = settings.val_resize if settings.val_resize is not None else (
+        data.val_resize if crop == data.crop_size else round(crop * data.val_resize / data.crop_size))
     for flag, value in (("--crop-size", crop), ("--val-resize", resize)):
         if value < 1:
             raise RunError(f"{flag} {value} is not valid; valid: a positive number of pixels")
