@@ -340,7 +340,7 @@ def main() -> int:
     parser.add_argument("--batches", help="comma-separated normalization batches b to run, of "
                         f"{', '.join(map(str, sorted(FIGURE_BATCHES)))} (default: all; GN, with none, is left out)")
     parser.add_argument("--lanes", type=int, default=2, help="runs side by side (default 2)")
-    parser.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / lanes, at least 1)")
+    parser.add_argument("--threads", type=int, help="threads per run (default: cores / lanes, at least 1)")
     parser.add_argument("--spread", type=float, default=2.0, help="third seed where two seeds differ by more (points)")
     parser.add_argument("--output-root", default="outputs", help="where run dirs go (default outputs)")
     parser.add_argument("--archive", type=pathlib.Path, help="copy finished runs' records here; runs found here count as done")
@@ -353,6 +353,8 @@ def main() -> int:
     batches = parse_list(args.batches, int, sorted(FIGURE_BATCHES), name="--batches") if args.batches is not None else None
     if args.lanes < 1:
         raise SystemExit(f"error: --lanes={args.lanes} is not valid; valid: an integer >= 1")
+    if args.threads is not None and args.threads < 1:  # it becomes each lane's OMP_NUM_THREADS
+        raise SystemExit(f"error: --threads={args.threads} is not valid; valid: an integer >= 1 (default: cores / lanes)")
     if not (ROOT / "configs" / "experiment" / f"{args.experiment}.yaml").is_file():
         valid = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
         raise SystemExit(f"error: --experiment={args.experiment!r} is not valid; valid: {', '.join(valid)}")

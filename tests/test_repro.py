@@ -81,6 +81,7 @@ def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path, monkeypat
                           (["--experiment", "nope"], "--experiment='nope' is not valid"),
                           (["--norms", "bn,xn"], "--norms='bn,xn' is not valid"), (["--batches", "3"], "--batches='3' is not valid"),
                           (["--batches", "b2"], "--batches='b2' is not valid"),
+                          (["--lanes", "0"], "--lanes=0 is not valid"), (["--threads", "0"], "--threads=0 is not valid"),
                           (["--only", "ablations", "--norms", "bn"], "--norms=bn --batches=None select no run")):
         monkeypatch.setattr(sys, "argv", ["repro.py", "--list", "--output-root", str(tmp_path), *args])
         with pytest.raises(SystemExit) as stopped:
