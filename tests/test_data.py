@@ -3,6 +3,7 @@ import collections
 import logging
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -302,6 +303,49 @@ def test_resize_tree_makes_a_small_copy_once(tiny_shapes, tmp_path):
     assert sorted(p.name for p in (root / "val").iterdir()) == sorted(p.name for p in (tiny_shapes / "val").iterdir())
     stamp = (root / "RESIZED").stat().st_mtime_ns
     assert resolve_root(cfg) == root and (root / "RESIZED").stat().st_mtime_ns == stamp  # reused, not redone
+
+
+def test_a_resized_copy_serves_only_the_side_it_was_made_at(tiny_shapes, tmp_path):
+    """A run asking for another side with the same data.root trained on the old copy without a word."""
+    from mabn.data import DatasetError, check_root, resize_tree, resolve_root
+
+    def cfg(side):
+        return data_cfg(tmp_path / "small", generate="resize",
+                        generate_options={"source": str(tiny_shapes), "short_side": side, "workers": 1})
+
+    root = resolve_root(cfg(16))
+    stamp = (root / "RESIZED").stat().st_mtime_ns
+    for check in (check_root, resolve_root):
+        with pytest.raises(DatasetError, match=r"small holds the 16 px copy of .*shapes, not the 20 px copy"):
+            check(cfg(20))
+    assert (root / "RESIZED").stat().st_mtime_ns == stamp and min(Image.open(next(root.rglob("*.JPEG"))).size) == 16
+    with pytest.raises(DatasetError, match="short side 0 is not valid; valid: a positive integer"):
+        resize_tree(tiny_shapes, tmp_path / "zero", 0, workers=1, progress=False)  # was a copy of 1 px images
+    assert not (tmp_path / "zero").exists() and not (tmp_path / ".zero.lock").exists()
+
+
+def test_a_generator_never_replaces_a_folder_it_did_not_write(tiny_shapes, tmp_path):
+    """data.root set to a real dataset while data.generate is still on (the default data=shapes, or a resize)
+    deleted that dataset and wrote the generated one in its place; so did a resize's --dst. Now: one error,
+    the folder untouched; an empty folder is written into."""
+    from mabn.data import DatasetError, check_root, resolve_root
+
+    mine = tmp_path / "imagenet"
+    shutil.copytree(tiny_shapes, mine)
+    (mine / "VERSION").unlink()
+    (mine / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    small = {"train_per_class": 2, "val_per_class": 1, "size": 16}
+    resize = {"source": str(tiny_shapes), "short_side": 16, "workers": 1}
+    for how, options, marker in (("shapes", small, "VERSION"), ("resize", resize, "RESIZED")):
+        for check in (check_root, resolve_root):
+            with pytest.raises(DatasetError, match=f"imagenet is not empty and was not written by .* no {marker} file"):
+                check(data_cfg(mine, generate=how, generate_options=options))
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before and (mine / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / ".imagenet.lock").exists()  # refused before the lock file beside it is made
+    (tmp_path / "empty").mkdir()
+    assert resolve_root(data_cfg(tmp_path / "empty", generate="shapes", generate_options=small)) == tmp_path / "empty"
+    assert len(list((tmp_path / "empty").rglob("*.JPEG"))) == 30
 
 
 def test_a_second_process_waits_for_the_copy_being_written_and_reuses_it(tiny_shapes, tmp_path):

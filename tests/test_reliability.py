@@ -411,6 +411,22 @@ def test_bad_layer_and_data_values_fail_before_the_run_dir_exists(tiny_shapes, t
     assert not (tmp_path / "out").exists()
 
 
+def test_a_dataset_given_as_data_root_with_the_shapes_generator_on_is_refused_and_left_alone(tiny_shapes, tmp_path):
+    """`make train ARGS="data.root=/data/imagenet"` without data=imagenet: the default data=shapes generates into
+    data.root, and used to delete the dataset there to do so."""
+    mine = tmp_path / "imagenet"
+    shutil.copytree(tiny_shapes, mine)
+    (mine / "VERSION").unlink()
+    before = sorted(p.relative_to(mine) for p in mine.rglob("*"))
+    out = subprocess.run(train_command(mine, tmp_path / "out", "data.generate=shapes"), capture_output=True, text=True,
+                         timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error: ")]
+    assert out.returncode == 2 and len(errors) == 1, out.stderr[-3000:]
+    assert errors[0] == (f"error: {mine} is not empty and was not written by the shapes generator (it has no VERSION file), "
+                         "which would replace it; to train on it set data.generate=null (e.g. data=imagenet), else write to a new folder")
+    assert sorted(p.relative_to(mine) for p in mine.rglob("*")) == before and not (tmp_path / "out").exists()
+
+
 def test_resume_rewinds_records_written_after_the_checkpoint(tiny_shapes, tmp_path):
     # A process killed at step 40 after its last checkpoint at 25 has logged 15 steps that the resumed run
     # trains again: made here by deleting the later checkpoints of a finished run and running it again.

@@ -6,7 +6,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .compile import MODES as COMPILE_MODES
-from .data import INPUT_FORMATS, LOADERS
+from .data import GENERATORS, INPUT_FORMATS, LOADERS
 from .norms import BATCH_STAT_NORMS
 from .norms._groups import is_int, is_number
 from .optim import POLICIES, warmup_steps
@@ -101,6 +101,12 @@ def check_data(data: DictConfig) -> None:
     require("data.lighting_std", data.lighting_std, is_number(data.lighting_std) and data.lighting_std >= 0, "a number >= 0 (0: off)")
     unreadable = data.get("max_unreadable")
     require("data.max_unreadable", unreadable, unreadable is None or (is_int(unreadable) and unreadable >= 0), "null or an integer >= 0")
+    how = data.get("generate")
+    require("data.generate", how, how is None or how in GENERATORS, f"null (data.root is a dataset), {', '.join(GENERATORS)}")
+    sizes = dict(shapes=("train_per_class", "val_per_class", "size"), resize=("short_side",)).get(how, ())
+    for key in sizes:  # a generated tree of 0 px images or no images would train without complaint
+        value = OmegaConf.select(data, f"generate_options.{key}")
+        require(f"data.generate_options.{key}", value, is_int(value) and value > 0, "a positive integer")
 
 
 def check_schedule_and_optim(cfg: DictConfig) -> None:

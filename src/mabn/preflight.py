@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from . import run_lock
 from .batch_stats import select_layers
 from .config import ConfigError, model_kwargs, require, validate
-from .data import DatasetError, check_layout
+from .data import DatasetError, check_root
 from .distributed import launched_world_size
 from .models import ARCHS, STEMS, build_model
 from .resume import check_resume
@@ -56,11 +56,7 @@ def check_layers(cfg: DictConfig) -> None:
 def preflight(cfg: DictConfig, output_dir: str) -> None:
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     check_layers(cfg)
-    how = cfg.data.get("generate")
-    if not how:
-        check_layout(os.path.expanduser(str(cfg.data.root)))
-    elif how == "resize":
-        check_layout(os.path.expanduser(str(cfg.data.generate_options.source)))
+    check_root(cfg.data)
     problem = writable_dir_problem(pathlib.Path(output_dir).absolute())
     if problem:
         raise ConfigError(f"output dir {output_dir!r} cannot be written ({problem}); set output_root to a writable folder")

@@ -22,12 +22,13 @@ from .folder import (
     collate_skipping_unreadable,
 )
 from .index import load_index
-from .prepare import resize_tree
+from .prepare import resize_tree, reusable_copy
 from .samplers import EvalSampler, TrainSampler
 from .transforms import INPUT_FORMATS, Augmentation, torchvision_transform
 
 log = logging.getLogger(__name__)
 LOADERS = ("torchvision", "dali")
+GENERATORS = ("shapes", "resize")  # data.generate: how data.root is made when missing (null: it is a dataset)
 
 
 @dataclass
@@ -41,17 +42,35 @@ class Loaders:
 
 
 def resolve_root(data_cfg) -> pathlib.Path:
-    """The dataset folder, generating the embedded default dataset on first use."""
+    """The dataset folder, generated on first use (data.generate); a generated one is checked against what is
+    asked (never another resize, nor a folder the generator did not write: mabn.data.prepare.reusable_copy)."""
     root = pathlib.Path(os.path.expanduser(str(data_cfg.root)))
     how = data_cfg.get("generate")
-    if how == "shapes" and not (root / "VERSION").is_file():
-        log.info("generating the embedded shapes dataset into %s", root)
+    if how == "shapes":
+        if not (root / "VERSION").is_file():
+            log.info("generating the embedded shapes dataset into %s", root)
         shapes.generate(root, **data_cfg.get("generate_options", {}))
-    elif how == "resize" and not (root / "RESIZED").is_file():
+    elif how == "resize":
         options = data_cfg.generate_options
-        log.info("writing a %d px copy of %s into %s", options.short_side, options.source, root)
+        if not (root / "RESIZED").is_file():
+            log.info("writing a %d px copy of %s into %s", options.short_side, options.source, root)
         resize_tree(os.path.expanduser(str(options.source)), root, options.short_side, options.get("workers", 2))
     return root
+
+
+def check_root(data_cfg) -> None:
+    """Raise DatasetError, writing nothing, when data.root cannot serve: a dataset not in the ImageNet layout,
+    or a root that generating would have to replace without being the generator's own (resolve_root)."""
+    root = pathlib.Path(os.path.expanduser(str(data_cfg.root)))
+    how = data_cfg.get("generate")
+    if not how:
+        check_layout(root)
+    elif how == "shapes":
+        shapes.reusable(root)
+    elif how == "resize":
+        source = pathlib.Path(os.path.expanduser(str(data_cfg.generate_options.source)))
+        check_layout(source)
+        reusable_copy(source, root, data_cfg.generate_options.short_side)
 
 
 def build_loaders(data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0, device: str = "cpu") -> Loaders:

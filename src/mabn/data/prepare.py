@@ -15,6 +15,16 @@ from .folder import DatasetError, class_names
 from .lock import exclusive
 
 
+def ensure_replaceable(root: pathlib.Path, marker: str, writer: str) -> None:
+    """Raise DatasetError unless `root` is missing, an empty folder, or a tree `writer` made (it holds `marker`).
+    A generator replaces only its own trees: data.root pointed at a real dataset while data.generate is on (or
+    --dst at one) must not delete that dataset."""
+    if (root / marker).is_file() or not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return
+    raise DatasetError(f"{root} is not empty and was not written by {writer} (it has no {marker} file), which would "
+                       f"replace it; to train on it set data.generate=null (e.g. data=imagenet), else write to a new folder")
+
+
 def run_cli(action) -> int:
     """Exit status of a preparation script: 0 and `action()`'s message printed, or 2 and one `error:` line."""
     try:
@@ -140,15 +150,33 @@ def resize_tree(src: str | os.PathLike, dst: str | os.PathLike, short_side: int,
                 progress: bool = True) -> pathlib.Path:
     """A copy of an ImageNet-layout tree with every image's shorter side resized to `short_side` (JPEG),
     so that small-resolution experiments do not decode full-size images every epoch. Written to a
-    staging folder and renamed into place when complete; an existing complete copy is reused."""
+    staging folder and renamed into place when complete; an existing complete copy is reused, and nothing
+    else at `dst` is replaced (`reusable_copy`)."""
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    reusable_copy(src, dst, short_side)  # a refusal writes nothing, not even the lock file; asked again under the lock
     with exclusive(dst):  # a second process started at the same time waits here, then reuses the copy
         return _resize_tree(src, dst, short_side, workers, progress)
 
 
-def _resize_tree(src: pathlib.Path, dst: pathlib.Path, short_side: int, workers: int, progress: bool) -> pathlib.Path:
+def reusable_copy(src: pathlib.Path, dst: pathlib.Path, short_side: int) -> bool:
+    """Whether `dst` already is the `short_side` px copy of `src`; DatasetError when it cannot become one (a bad
+    side, a copy at another side or of another tree, a folder a resize did not write). Writes nothing."""
+    if not isinstance(short_side, int) or isinstance(short_side, bool) or short_side < 1:
+        raise DatasetError(f"short side {short_side!r} is not valid; valid: a positive integer (pixels)")
     marker = dst / "RESIZED"
-    if marker.is_file() and marker.read_text().strip() == f"{src.resolve()} {short_side}":
+    if not marker.is_file():
+        ensure_replaceable(dst, "RESIZED", "a resize")
+        return False
+    made, wanted = marker.read_text().strip(), f"{src.resolve()} {short_side}"
+    if made == wanted:
+        return True
+    source, _, side = made.rpartition(" ")
+    raise DatasetError(f"{dst} holds the {side} px copy of {source}, not the {short_side} px copy of {src.resolve()} "
+                       f"asked for; write it to another folder, or delete {dst} to remake it")
+
+
+def _resize_tree(src: pathlib.Path, dst: pathlib.Path, short_side: int, workers: int, progress: bool) -> pathlib.Path:
+    if reusable_copy(src, dst, short_side):
         return dst
     check = [split for split in ("train", "val") if not (src / split).is_dir()]
     if check:

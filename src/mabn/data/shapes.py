@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from ..progress import progress_bar
 from .lock import exclusive
+from .prepare import ensure_replaceable
 
 CLASSES = [
     "circle", "square", "triangle", "star", "cross",
@@ -96,13 +97,23 @@ def generate(root: str | os.PathLike, train_per_class: int = 260, val_per_class:
              seed: int = 0, progress: bool = True) -> pathlib.Path:
     """Write the dataset under `root` (atomically: a half-written tree is never left behind)."""
     root = pathlib.Path(root)
+    reusable(root)  # a refusal writes nothing, not even the lock file; asked again under the lock
     with exclusive(root):  # a second process started at the same time waits here, then reuses the tree
         return _generate(root, train_per_class, val_per_class, size, seed, progress)
 
 
+def reusable(root: pathlib.Path) -> bool:
+    """Whether `root` holds this version's tree; DatasetError when it is a folder the generator did not write
+    (it would be replaced). Writes nothing."""
+    if (root / "VERSION").is_file():
+        return (root / "VERSION").read_text().strip() == VERSION
+    ensure_replaceable(root, "VERSION", "the shapes generator")
+    return False
+
+
 def _generate(root: pathlib.Path, train_per_class: int, val_per_class: int, size: int, seed: int,
               progress: bool) -> pathlib.Path:
-    if (root / "VERSION").is_file() and (root / "VERSION").read_text().strip() == VERSION:
+    if reusable(root):
         return root
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".shapes-", dir=root.parent))
     rng = random.Random(seed)
