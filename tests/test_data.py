@@ -276,12 +276,20 @@ def test_prepare_imagenet_refuses_unlabelled_images(tmp_path):
 
 
 def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
+    from mabn.data import DatasetError
+    from mabn.data.prepare import make_subset
+
     out = _run_script(ROOT / "scripts" / "make_subset.py", "--src", tiny_shapes, "--dst", tmp_path / "sub", "--classes", 3,
                       "--train-per-class", 2)
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "sub" / "train").iterdir()) == ["n90000001", "n90000002", "n90000003"]
     assert all(len(list(d.iterdir())) == 2 for d in (tmp_path / "sub" / "train").iterdir())
     assert all(len(list(d.iterdir())) == 3 for d in (tmp_path / "sub" / "val").iterdir())
+    # -1 took every image but the last, 0 none (empty class folders), -1 with a seed was a traceback
+    for bad, seed in ((dict(train_per_class=0), None), (dict(val_per_class=-1), None), (dict(val_per_class=-1), 1)):
+        with pytest.raises(DatasetError, match=f"^{next(iter(bad))}=.* is not valid; valid: an integer >= 1, or none given"):
+            make_subset(tiny_shapes, tmp_path / "bad", 3, seed=seed, **bad)
+    assert not (tmp_path / "bad").exists()
 
     good = _run_script(ROOT / "scripts" / "verify_dataset.py", tmp_path / "sub", "--workers", 1)
     assert good.returncode == 0 and "0 unreadable" in good.stderr

@@ -90,6 +90,9 @@ def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int
     """Symlink a subset of an ImageNet-layout tree: the first `num_classes` (or the listed) classes,
     the first (or, with `seed`, random) K images per class. Returns the chosen classes."""
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
+        if value is not None and (not isinstance(value, int) or value < 1):  # -1 took all but the last image, 0 none
+            raise DatasetError(f"{name}={value} is not valid; valid: an integer >= 1, or none given (every image)")
     available = class_names(src / "train")
     if classes is None:
         if num_classes is None or not 0 < num_classes <= len(available):
