@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -87,7 +88,14 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, caplog
     newest.write_bytes(newest.read_bytes()[:100])
     state, path = checkpoints.load_latest()
     assert path.name == "step-00000002.pt" and state["model"]["w"][0] == 2
-    assert "step-00000003.pt cannot be loaded" in caplog.text
+    assert "step-00000003.pt cannot be loaded (ValueError: not a checkpoint: torch.save writes a zip archive, and this " \
+        "file is not one (or is cut short))" in caplog.text
+    # A zip archive holding an object weights_only refuses: torch's reason, without its advice (weights_only=False)
+    torch.save({"model": np.zeros(3), "config": ""}, newest)
+    caplog.clear()
+    assert checkpoints.load_latest()[1].name == "step-00000002.pt"
+    assert "(UnpicklingError: not a weights-only checkpoint (Unsupported global: GLOBAL numpy" in caplog.text
+    assert "weights_only` set to `False`" not in caplog.text
 
 
 def test_keeps_only_the_last_k_and_leaves_no_temp_files(tmp_path):
@@ -301,7 +309,9 @@ def _bad_inputs(tmp_path, shapes):
         "empty_class_folder": ([], empty_class, "n90000003 holds no images"),
         "train_val_class_mismatch": ([], class_mismatch, "train/ and val/ of"),
         "missing_resume_file": (["train.resume=/nonexistent.pt"], None, "train.resume='/nonexistent.pt' is not a checkpoint file"),
-        "garbage_resume_file": ([f"train.resume={tmp_path / 'garbage.pt'}"], garbage_checkpoint, "cannot be loaded: "),
+        "garbage_resume_file": ([f"train.resume={tmp_path / 'garbage.pt'}"], garbage_checkpoint,
+                                "garbage.pt' cannot be loaded: ValueError: not a checkpoint: torch.save writes a zip archive, and "
+                                "this file is not one (or is cut short)"),
         "unwritable_output_dir": ([f"output_root={tmp_path / 'a_file' / 'out'}"], a_file, "a_file is not a directory"),
         "nan_loss": (["schedule.base_lr=1e12"], None, "loss is nan at step"),
         "nan_loss_skip_limit": (["schedule.base_lr=1e12", "train.nan_policy=skip", "train.max_nonfinite_skips=2"], None,

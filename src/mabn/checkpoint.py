@@ -13,6 +13,7 @@ import os
 import pathlib
 import random
 import re
+import zipfile
 
 import numpy as np
 import torch
@@ -138,9 +139,18 @@ class CheckpointDir:
         return None, None
 
 
+def read(path: str | os.PathLike, map_location="cpu", mmap: bool = False):
+    """What `torch.save` wrote to `path`, read with weights_only=True. A file that is not torch.save's zip archive
+    (another file, or one cut short) is named as such: torch's own errors for it speak of pickle opcodes and
+    save options, and advise weights_only=False."""
+    if not zipfile.is_zipfile(path):
+        raise ValueError("not a checkpoint: torch.save writes a zip archive, and this file is not one (or is cut short)")
+    return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
 def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
     """A training checkpoint; `mmap=True` maps the tensors instead of reading them (to look at its config)."""
-    state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    state = read(path, map_location, mmap)
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise ValueError(f"{path} is not a mabn training checkpoint (no model/config entries)")
     return state
@@ -148,5 +158,10 @@ def load(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dic
 
 def describe_error(err: Exception) -> str:
     """One line for a load failure (torch's unpickling errors span many lines)."""
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    text = str(err).strip()
+    if "WeightsUnpickler error:" in text:  # torch's weights-only refusal (a foreign object in the file) opens with
+        # advice to load with weights_only=False (arbitrary code); its reason follows the marker
+        reason = " ".join(text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0].split())
+        return f"{type(err).__name__}: not a weights-only checkpoint ({reason})"[:300]
+    first = text.splitlines()[0] if text else ""
     return f"{type(err).__name__}: {first}"[:300]

@@ -58,7 +58,7 @@ def load_backbone(path: str | pathlib.Path) -> torchvision.models.ResNet:
     as torchvision builds it): our norm layers (and centered convs for MABN), or plain convs with bias
     and no norms when the file was folded."""
     try:
-        entry = torch.load(path, map_location="cpu", weights_only=True)
+        entry = ckpt.read(path)
     except Exception as err:
         raise ExportError(f"{path} cannot be loaded: {ckpt.describe_error(err)}") from None
     if not isinstance(entry, dict) or entry.get("format") != FORMAT:
