@@ -17,6 +17,17 @@ def test_factory_builds_every_norm_by_name(name):
     assert y.shape == (4, 64, 3, 3)
 
 
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_every_norm_refuses_bad_channels_and_norm_batch_when_built(name):
+    """0 channels built an empty layer; a bad norm_batch failed at the first forward with torch's shape errors
+    (or, for True, ran as 1). The norms without a normalization batch ignore it, but not a bad value."""
+    label = type(build_norm(name, 8)).__name__
+    for channels, norm_batch, message in ((0, None, "num_features=0"), (2.5, None, "num_features=2.5"),
+                                          (8, 0, "norm_batch=0"), (8, -2, "norm_batch=-2"), (8, True, "norm_batch=True")):
+        with pytest.raises(ValueError, match=f"^{label}: {message} is not valid; valid: "):
+            build_norm(name, channels, norm_batch=norm_batch)
+
+
 def test_factory_rejects_unknown_names():
     with pytest.raises(ValueError, match="unknown norm 'bnx'; valid: bn, brn, gn, in, ln, mabn, syncbn"):
         build_norm("bnx", 8)

@@ -39,6 +39,15 @@ def require(owner: str, name: str, value, ok: bool, valid: str) -> None:
         raise ValueError(f"{owner}: {name}={value!r} is not valid; valid: {valid}")
 
 
+def require_sizes(owner: str, num_features, norm_batch) -> None:
+    """The arguments every norm takes: its channels, and the normalization batch (None: the whole batch; ignored
+    by the norms that have none, but still a valid value). Without this, 0 built an empty layer and a bad
+    norm_batch failed at the first forward with torch's shape errors."""
+    require(owner, "num_features", num_features, is_int(num_features) and num_features >= 1, "an integer >= 1 (channels)")
+    require(owner, "norm_batch", norm_batch, norm_batch is None or (is_int(norm_batch) and norm_batch >= 1),
+            "None (the whole batch) or an integer >= 1")
+
+
 def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 

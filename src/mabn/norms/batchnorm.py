@@ -2,7 +2,8 @@
 import torch
 from torch import nn
 
-from ._groups import as_output, check_input, grad_sums, group_view, is_number, per_group, require, scale_shift, second_moment
+from ._groups import (as_output, check_input, grad_sums, group_view, is_number, per_group, require, require_sizes,
+                      scale_shift, second_moment)
 
 
 class GhostBatchNorm2d(nn.BatchNorm2d):
@@ -15,6 +16,7 @@ class GhostBatchNorm2d(nn.BatchNorm2d):
     """
 
     def __init__(self, num_features: int, norm_batch: int | None = None, eps: float = 1e-5, momentum: float = 0.1):
+        require_sizes("GhostBatchNorm2d", num_features, norm_batch)
         require("GhostBatchNorm2d", "eps", eps, is_number(eps) and eps > 0, "a number > 0")
         require("GhostBatchNorm2d", "momentum", momentum, momentum is None or (is_number(momentum) and 0 <= momentum <= 1),
                 "a number in [0, 1], or None (cumulative average)")

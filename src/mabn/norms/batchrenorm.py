@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from ._groups import check_input, is_int, is_number, lerp_buffer, require, store_buffer
+from ._groups import check_input, is_int, is_number, lerp_buffer, require, require_sizes, store_buffer
 from .batchnorm import GroupBatchNormFunction
 
 
@@ -31,6 +31,7 @@ class BatchRenorm2d(nn.Module):
         min_t0: int = 0,
     ):
         super().__init__()
+        require_sizes("BatchRenorm2d", num_features, norm_batch)
         require("BatchRenorm2d", "momentum", momentum, is_number(momentum) and 0 < momentum <= 1, "a number in (0, 1]")
         require("BatchRenorm2d", "eps", eps, is_number(eps) and eps > 0, "a number > 0")
         require("BatchRenorm2d", "r_max_final", r_max_final, is_number(r_max_final) and r_max_final >= 1, "a number >= 1")

@@ -1,7 +1,7 @@
 """Group normalization: statistics per sample, independent of the batch size."""
 from torch import nn
 
-from ._groups import is_int, is_number, require
+from ._groups import is_int, is_number, require, require_sizes
 
 
 class GroupNorm2d(nn.GroupNorm):
@@ -12,6 +12,7 @@ class GroupNorm2d(nn.GroupNorm):
     """
 
     def __init__(self, num_features: int, norm_batch: int | None = None, num_groups: int = 32, eps: float = 1e-5):
+        require_sizes(type(self).__name__, num_features, norm_batch)  # LN and IN name themselves
         require("GroupNorm2d", "num_groups", num_groups, is_int(num_groups) and num_groups >= 1, "an integer >= 1")
         require("GroupNorm2d", "eps", eps, is_number(eps) and eps > 0, "a number > 0")
         groups = min(num_groups, num_features)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._groups import (as_output, check_input, grad_sums, group_view, is_int, is_number, layer_label, lerp_buffer,
-                      per_sample, require, scale_shift, second_moment, store_buffer)
+                      per_sample, require, require_sizes, scale_shift, second_moment, store_buffer)
 
 AVERAGES = ("sma", "ema")
 
@@ -259,6 +259,7 @@ class MABN2d(nn.Module):
         kernel: str = "eager",
     ):
         super().__init__()
+        require_sizes("MABN2d", num_features, norm_batch)
         if average not in AVERAGES:
             raise ValueError(f"MABN2d: average='{average}' is not one of {', '.join(AVERAGES)}")
         if kernel not in KERNELS:

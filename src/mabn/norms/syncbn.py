@@ -3,7 +3,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._groups import check_input
+from ._groups import check_input, require_sizes
 
 
 class SyncBatchNorm2d(nn.SyncBatchNorm):
@@ -16,6 +16,7 @@ class SyncBatchNorm2d(nn.SyncBatchNorm):
     """
 
     def __init__(self, num_features: int, norm_batch: int | None = None, eps: float = 1e-5, momentum: float = 0.1):
+        require_sizes("SyncBatchNorm2d", num_features, norm_batch)
         super().__init__(num_features, eps=eps, momentum=momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
