@@ -149,6 +149,8 @@ BAD_VALUES = {  # override -> what the one error line must say
     "norm=mabn norm.options.renorm_start=-1": "renorm_start=-1 is not valid",
     "norm=mabn norm.options.average=wma": "average='wma' is not one of sma, ema",
     "norm=mabn norm.options.eps=0": "eps=0 is not valid; valid: a number > 0",
+    **{f"norm=mabn norm.options.{key}=no": f"MABN2d: {key}='no' is not valid; valid: True or False"  # "no" is truthy
+       for key in ("renorm", "average_forward", "average_backward")},
     "norm=gn norm.options.num_groups=7": "16 channels cannot be split into 7 groups",
     "norm=gn norm.options.num_groups=0": "num_groups=0 is not valid",
     "norm=brn norm.options.r_max_final=0.5": "r_max_final=0.5 is not valid; valid: a number >= 1",

@@ -271,6 +271,9 @@ class MABN2d(nn.Module):
         require("MABN2d", "eps", eps, is_number(eps) and eps > 0, "a number > 0")
         require("MABN2d", "renorm_clip", renorm_clip, is_number(renorm_clip) and renorm_clip >= 1, "a number >= 1 (r in [1/clip, clip])")
         require("MABN2d", "renorm_start", renorm_start, is_int(renorm_start) and renorm_start >= 0, "an integer >= 0")
+        for name, value in (("renorm", renorm), ("average_forward", average_forward), ("average_backward", average_backward)):
+            # a config's `no` arrives as a string, which Python reads as true: the ablation would silently stay on
+            require("MABN2d", name, value, isinstance(value, bool), "True or False")
         self.num_features, self.norm_batch, self.window, self.warmup = num_features, norm_batch, window, warmup
         self.eps, self.momentum = eps, momentum
         self.renorm, self.renorm_start, self.renorm_clip = renorm, renorm_start, renorm_clip
