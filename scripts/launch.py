@@ -41,6 +41,8 @@ def main() -> None:
         fail(f"{processes}={args.gpus} and NODES={args.nodes} are not valid; valid: integers >= 1")
     if not 0 <= args.node_rank < args.nodes:
         fail(f"NODE_RANK={args.node_rank} must be between 0 and NODES-1={args.nodes - 1}")
+    if not 1 <= args.master_port <= 65535:  # 99999 was a traceback from the port check; 0 has no meaning across nodes
+        fail(f"MASTER_PORT={args.master_port} is not valid; valid: a TCP port in 1-65535 (default 29500)")
     if args.cpu:
         overrides = ["train.device=cpu", *overrides]
     else:

@@ -260,7 +260,7 @@ def test_launch_names_the_make_variable_of_a_bad_process_count(flags, named):
     assert out.returncode == 2 and out.stderr.strip() == f"error: {named} and NODES=1 are not valid; valid: integers >= 1"
 
 
-def test_launch_refuses_more_gpus_than_visible_and_a_busy_port():
+def test_launch_refuses_more_gpus_than_visible_and_a_busy_or_impossible_port():
     if torch.cuda.device_count() < 64:
         out = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch.py"), "--gpus", "64", "--"],
                              capture_output=True, text=True, timeout=60)
@@ -271,3 +271,7 @@ def test_launch_refuses_more_gpus_than_visible_and_a_busy_port():
         port = busy.getsockname()[1]
         out = subprocess.run(_launch(port), capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and f"MASTER_PORT={port} is in use" in out.stderr
+    for port in (0, 99999):
+        out = subprocess.run(_launch(port), capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr == f"error: MASTER_PORT={port} is not valid; valid: a TCP port in " \
+            "1-65535 (default 29500)\n", out.stderr
