@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
 from .norms import BatchRenorm2d, MABN2d
 from .progress import progress_bar
 from .renorm_clips import RenormClipCounter

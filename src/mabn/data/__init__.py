@@ -47,13 +47,9 @@ def resolve_root(data_cfg) -> pathlib.Path:
     root = pathlib.Path(os.path.expanduser(str(data_cfg.root)))
     how = data_cfg.get("generate")
     if how == "shapes":
-        if not (root / "VERSION").is_file():
-            log.info("generating the embedded shapes dataset into %s", root)
         shapes.generate(root, **data_cfg.get("generate_options", {}))
     elif how == "resize":
         options = data_cfg.generate_options
-        if not (root / "RESIZED").is_file():
-            log.info("writing a %d px copy of %s into %s", options.short_side, options.source, root)
         resize_tree(os.path.expanduser(str(options.source)), root, options.short_side, options.get("workers", 2))
     return root
 

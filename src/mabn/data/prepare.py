@@ -1,5 +1,6 @@
 """Dataset preparation: sort ImageNet's flat val folder, build ImageNet-N subsets, find unreadable images."""
 import csv
+import logging
 import os
 import pathlib
 import random
@@ -13,6 +14,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from ..progress import progress_bar
 from .folder import DatasetError, class_names
 from .lock import exclusive
+
+log = logging.getLogger(__name__)
 
 
 def ensure_replaceable(root: pathlib.Path, marker: str, writer: str) -> None:
@@ -181,6 +184,7 @@ def reusable_copy(src: pathlib.Path, dst: pathlib.Path, short_side: int) -> bool
 def _resize_tree(src: pathlib.Path, dst: pathlib.Path, short_side: int, workers: int, progress: bool) -> pathlib.Path:
     if reusable_copy(src, dst, short_side):
         return dst
+    log.info("writing a %d px copy of %s into %s", short_side, src, dst)
     check = [split for split in ("train", "val") if not (src / split).is_dir()]
     if check:
         raise DatasetError(f"{src} has no {check[0]}/ folder to resize; expected an ImageNet-layout tree")

@@ -5,6 +5,7 @@ random background colour and noise, and the figure a random colour, size, positi
 Written once as `train/<wnid>/*.JPEG`, `val/<wnid>/*.JPEG` plus `LOC_synset_mapping.txt`, so the
 pipeline reads it exactly as it reads ImageNet.
 """
+import logging
 import math
 import os
 import pathlib
@@ -17,6 +18,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from ..progress import progress_bar
 from .lock import exclusive
 from .prepare import ensure_replaceable
+
+log = logging.getLogger(__name__)
 
 CLASSES = [
     "circle", "square", "triangle", "star", "cross",
@@ -115,6 +118,7 @@ def _generate(root: pathlib.Path, train_per_class: int, val_per_class: int, size
               progress: bool) -> pathlib.Path:
     if reusable(root):
         return root
+    log.info("generating the embedded shapes dataset into %s", root)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".shapes-", dir=root.parent))
     rng = random.Random(seed)
     jobs = [(split, label, k) for split, per in (("train", train_per_class), ("val", val_per_class))
