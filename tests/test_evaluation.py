@@ -127,6 +127,13 @@ def test_a_missing_run_or_a_directory_as_out_is_one_error_line_and_writes_nothin
     assert done.returncode == 2 and "is a directory" in done.stderr and os.listdir(tmp_path) == []
 
 
+def test_a_run_without_best_pt_is_read_at_its_newest_step_checkpoint(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    for step in (90, 100, 110):  # named as CheckpointDir keeps them; 100 < 110 as numbers, not only as text
+        (tmp_path / "checkpoints" / f"step-{step:08d}.pt").touch()
+    assert checkpoint_of(tmp_path) == tmp_path / "checkpoints" / "step-00000110.pt"
+
+
 def test_make_eval_without_a_run_scores_the_newest(mabn_run, tmp_path):
     assert newest_run(mabn_run.parent.parent) == mabn_run
     with pytest.raises(RunError, match="no run with checkpoints under"):

@@ -38,7 +38,7 @@ def checkpoint_of(run_dir: str | pathlib.Path) -> pathlib.Path:
     steps = ckpt.CheckpointDir(run_dir).step_files() if (run_dir / "checkpoints").is_dir() else []
     if not steps:
         raise RunError(f"{run_dir} has no checkpoints/best.pt or step checkpoint; pass a run dir of `python -m mabn.train`")
-    return steps[-1]
+    return steps[0]  # step_files() lists the newest first
 
 
 def load_trained(path: str | pathlib.Path) -> Trained:
