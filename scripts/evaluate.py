@@ -26,7 +26,7 @@ import sys
 from mabn.checkpoint import atomic_write_text
 from mabn.data import DatasetError
 from mabn.evaluation import DEVICES, EvalSettings, evaluate_checkpoint, newest_run, summary
-from mabn.models.trained import RunError
+from mabn.models.trained import RunError, check_output
 
 
 def main() -> int:
@@ -68,8 +68,8 @@ def main() -> int:
                             precise_epoch=args.precise_epoch,
                             progress=not args.no_progress)
     try:
-        if args.out and pathlib.Path(args.out).is_dir():
-            raise RunError(f"--out {args.out} is a directory; valid: a file path such as {args.out}/eval.json")
+        if args.out:
+            check_output(args.out, "eval.json")
         run = args.run
         if run is None:
             run = newest_run(args.outputs)

@@ -125,6 +125,11 @@ def test_a_missing_run_or_a_directory_as_out_is_one_error_line_and_writes_nothin
         "`python -m mabn.train` or one of its checkpoints/*.pt\n"
     done = _evaluate(mabn_run, "--out", tmp_path)
     assert done.returncode == 2 and "is a directory" in done.stderr and os.listdir(tmp_path) == []
+    step = sorted((mabn_run / "checkpoints").glob("step-*.pt"))[-1]
+    size = step.stat().st_size
+    done = _evaluate(mabn_run, "--out", step)  # the JSON would replace a checkpoint of the run
+    assert done.returncode == 2 and done.stderr.startswith(f"error: --out {step} is in the run's checkpoints folder")
+    assert step.stat().st_size == size
 
 
 def test_a_run_without_best_pt_is_read_at_its_newest_step_checkpoint(tmp_path):

@@ -47,6 +47,15 @@ def test_export_errors_are_one_line(mabn_run, tmp_path):
     done = _export(tmp_path, tmp_path / "x.pt")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "has no checkpoints" in done.stderr
     assert not (tmp_path / "x.pt").exists()
+    done = _export(mabn_run, tmp_path)
+    assert done.returncode == 2 and done.stderr == f"error: --out {tmp_path} is a directory; valid: a file path such " \
+        f"as {tmp_path / 'backbone.pt'}\n"
+    best = mabn_run / "checkpoints" / "best.pt"
+    before = sorted((p.name, p.stat().st_ino) for p in best.parent.iterdir())
+    for out in (best, best.parent / "backbone.pt"):  # would replace the checkpoint it reads, or sit among them
+        done = _export(mabn_run, out)
+        assert done.returncode == 2 and "is in the run's checkpoints folder" in done.stderr, done.stderr
+        assert sorted((p.name, p.stat().st_ino) for p in best.parent.iterdir()) == before
     (tmp_path / "junk.pt").write_bytes(b"not a file")
     with pytest.raises(ExportError, match="cannot be loaded"):
         load_backbone(tmp_path / "junk.pt")

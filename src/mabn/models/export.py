@@ -15,7 +15,7 @@ from .. import checkpoint as ckpt
 from ..convert import center_convs
 from ..fold import fold_norms
 from ..norms import name_norm_layers, norm_factory
-from .trained import RunError, checkpoint_of, load_trained
+from .trained import RunError, check_output, checkpoint_of, load_trained
 
 FORMAT = "mabn-backbone/1"
 TORCHVISION_ARCHS = ("resnet18", "resnet50")
@@ -29,6 +29,7 @@ def export_backbone(run_dir: str | pathlib.Path, out: str | pathlib.Path, fold: 
                     checkpoint: str | pathlib.Path | None = None) -> dict:
     """Write the run's network (its best checkpoint unless `checkpoint` is given) to `out`; returns what was written."""
     try:
+        out = check_output(out, "backbone.pt")
         path = pathlib.Path(checkpoint) if checkpoint else checkpoint_of(run_dir)
         trained = load_trained(path)
     except RunError as err:
@@ -47,7 +48,6 @@ def export_backbone(run_dir: str | pathlib.Path, out: str | pathlib.Path, fold: 
                  norm_kwargs=layer_kwargs, centered_conv=bool(centered), folded=fold, checkpoint=str(path),
                  state_dict=state_dict)
     load_backbone_from(entry)  # the file must load: fail here, not in the user's detector
-    out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     ckpt.atomic_save(entry, out)
     return {k: v for k, v in entry.items() if k != "state_dict"}

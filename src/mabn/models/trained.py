@@ -41,6 +41,20 @@ def checkpoint_of(run_dir: str | pathlib.Path) -> pathlib.Path:
     return steps[0]  # step_files() lists the newest first
 
 
+def check_output(out: str | pathlib.Path, example: str, flag: str = "--out") -> pathlib.Path:
+    """`out` as a file that export or evaluation may write, checked before anything is read or written: not a
+    folder, and not in a run's checkpoints folder, where it would replace a checkpoint (the one being read,
+    say) or be taken for one when the run resumes."""
+    out = pathlib.Path(out)
+    if out.is_dir():
+        raise RunError(f"{flag} {out} is a directory; valid: a file path such as {out / example}")
+    folder = out.resolve().parent
+    if folder.name == "checkpoints" and (ckpt.CheckpointDir(folder.parent).step_files() or (folder / "best.pt").exists()):
+        raise RunError(f"{flag} {out} is in the run's checkpoints folder {folder}, where it would replace or pass for "
+                       f"a checkpoint; valid: a file outside it, such as {folder.parent / out.name}")
+    return out
+
+
 def load_trained(path: str | pathlib.Path) -> Trained:
     """The network of the training checkpoint at `path`, as the run evaluated it."""
     from . import build_model
