@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from mabn.results import load_run  # noqa: E402
+from mabn.results import figure_path, load_run  # noqa: E402
 
 STATISTICS = ["mu_B", "sigma2_B", "g_B", "Psi_B"]
 # What MABN normalizes with instead of sigma^2_B and Psi_B: its moving averages (drawn dashed on those panels).
@@ -135,6 +135,10 @@ def main() -> None:
     parser.add_argument("--out", default="batch_stats.png")
     parser.add_argument("--lag-windows", help="iterations bounding windows, e.g. 160,300,600: MABN's and BRN's averaging lag per window")
     args = parser.parse_args()
+    try:
+        figure_path(args.out)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     edges = parse_edges(args.lag_windows) if args.lag_windows else None
     loaded = [load_stats(pathlib.Path(r)) for r in args.runs]
     layers = sorted({layer for _, series, _ in loaded for layer in series} - {CLIPS, LAG})

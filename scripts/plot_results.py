@@ -17,7 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from mabn.norms import is_per_sample  # noqa: E402
-from mabn.results import PAPER_FIGURE, find_runs, load_run  # noqa: E402
+from mabn.results import PAPER_FIGURE, figure_path, find_runs, load_run  # noqa: E402
 
 
 NORM_COLORS = {"bn": "C0", "brn": "C1", "mabn": "C2", "gn": "C3", "syncbn": "C4", "ln": "C5", "in": "C6"}
@@ -105,6 +105,10 @@ def main() -> None:
     c.add_argument("runs", nargs="+")
     c.add_argument("--out", default="curves.png")
     args = parser.parse_args()
+    try:
+        figure_path(args.out)
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     if args.what == "error-vs-batch":
         error_vs_batch(args.roots, args.out, args.paper, args.with_tags)
     else:

@@ -17,6 +17,10 @@ def main() -> int:
     parser.add_argument("roots", nargs="*", default=["outputs"], help="folders holding run dirs (searched recursively)")
     parser.add_argument("--out", help="folder for results.md and results.csv (default: the first root)")
     args = parser.parse_args()
+    if args.out and pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+        print(f"error: --out {args.out} is a file; valid: a folder for results.md, results.csv, runs.md and figure.md",
+              file=sys.stderr)
+        return 2
     runs = find_runs(*args.roots)
     if not runs:
         print(f"error: no run dirs (metrics.jsonl + .hydra/config.yaml) under {', '.join(args.roots)}", file=sys.stderr)

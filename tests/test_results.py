@@ -120,6 +120,22 @@ def test_results_script_writes_md_and_csv_and_the_plots(sweep_dir, tmp_path, mon
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_an_out_the_scripts_cannot_write_is_one_error_line_before_any_run_is_read(tmp_path, monkeypatch):
+    plot_results, plot_batch_stats = load_script("plot_results"), load_script("plot_batch_stats")
+    for out, message in ((tmp_path, "is a directory"), (tmp_path / "figure", "no suffix to name the format"),
+                         (tmp_path / "figure.txt", "matplotlib does not write .txt; valid: a file ending in .")):
+        for argv in ((plot_results, "curves", tmp_path), (plot_batch_stats, tmp_path)):
+            with pytest.raises(SystemExit, match=f"^error: --out {out}: |^error: --out {out} ") as exit_:
+                _main(argv[0], monkeypatch, *argv[1:], "--out", out)
+            assert message in str(exit_.value)
+    (tmp_path / "results.md").write_text("kept\n")
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "results_table.py"), str(tmp_path), "--out",
+                           str(tmp_path / "results.md")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == f"error: --out {tmp_path / 'results.md'} is a file; valid: a " \
+        "folder for results.md, results.csv, runs.md and figure.md\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
 def test_lag_compares_what_mabn_and_brn_divide_by_with_the_groups_own_and_skips_bn():
     plot_batch_stats = load_script("plot_batch_stats")
     own = {"mu_B": [(0, 1.0), (20, 1.0)], "sigma2_B": [(0, 1.0), (20, 3.0)]}

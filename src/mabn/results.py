@@ -55,6 +55,21 @@ class Run:
         return min(e["val_top1_err"] for e in self.epochs) if self.epochs else None
 
 
+def figure_path(out: str | pathlib.Path) -> pathlib.Path:
+    """A plot's `--out`, checked before any run is read: a file whose suffix names a format matplotlib writes
+    (given none, matplotlib would add .png and the script name a file it did not write)."""
+    from matplotlib.backend_bases import FigureCanvasBase  # only the plotting scripts need matplotlib
+
+    out = pathlib.Path(out)
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; valid: a file path such as {out / 'figure.png'}")
+    if out.suffix.lstrip(".").lower() not in formats:
+        problem = f"matplotlib does not write {out.suffix}" if out.suffix else "no suffix to name the format"
+        raise ValueError(f"--out {out}: {problem}; valid: a file ending in .{', .'.join(formats)}")
+    return out
+
+
 def load_run(run_dir: pathlib.Path) -> Run | None:
     config_file, metrics_file = run_dir / ".hydra" / "config.yaml", run_dir / "metrics.jsonl"
     if not (config_file.is_file() and metrics_file.is_file()):
