@@ -6,8 +6,11 @@ Exit status 1 when any image fails, 0 otherwise.
 """
 import argparse
 import os
+import pathlib
 import sys
 
+from mabn.checkpoint import atomic_write_text
+from mabn.data import DatasetError
 from mabn.data.prepare import find_unreadable
 
 
@@ -17,15 +20,21 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes")
     parser.add_argument("--out", help="also write the bad paths here, one per line")
     args = parser.parse_args()
-    if not os.path.isdir(args.root):
-        print(f"error: {args.root} is not a folder", file=sys.stderr)
+    try:
+        if not os.path.isdir(args.root):
+            raise DatasetError(f"{args.root} is not a folder")
+        if args.out and os.path.isdir(args.out):  # found out after hours of decoding, it lost the list
+            raise DatasetError(f"--out {args.out} is a directory; valid: a file path such as {args.out}/bad_images.txt")
+        bad = find_unreadable(args.root, args.workers)
+    except DatasetError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    bad = find_unreadable(args.root, args.workers)
     for path, reason in bad:
         print(f"{path}\t{reason}")
     if args.out:
-        with open(args.out, "w") as f:
-            f.writelines(f"{path}\n" for path, _ in bad)
+        out = pathlib.Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, "".join(f"{path}\n" for path, _ in bad))
     print(f"{len(bad)} unreadable images under {args.root}", file=sys.stderr)
     return 1 if bad else 0
 

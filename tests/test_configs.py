@@ -167,6 +167,7 @@ BAD_VALUES = {  # override -> what the one error line must say
     "data.generate_options.size=0": "data.generate_options.size=0 is not valid; valid: a positive integer",
     "data.generate_options.val_per_class=-1": "data.generate_options.val_per_class=-1 is not valid",
     "data=imagenette64 data.generate_options.short_side=0": "data.generate_options.short_side=0 is not valid",
+    "data=imagenette64 data.generate_options.workers=0": "data.generate_options.workers=0 is not valid; valid: a positive",
     "schedule.base_lr=0": "schedule.base_lr=0 is not valid",
     "schedule.warmup_epochs=-1": "schedule.warmup_epochs=-1 is not valid",
     "schedule=paper schedule.milestones=[90,30]": "schedule.milestones=[90, 30] is not valid; valid: increasing epochs",

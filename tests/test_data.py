@@ -298,6 +298,15 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
     bad_file.write_bytes(full[: len(full) // 2])  # a truncated JPEG: opens, fails to decode
     bad = _run_script(ROOT / "scripts" / "verify_dataset.py", tmp_path / "sub", "--workers", 1)
     assert bad.returncode == 1 and str(bad_file) in bad.stdout and "1 unreadable" in bad.stderr
+    listed = tmp_path / "lists" / "bad.txt"  # its folder is made
+    assert _run_script(ROOT / "scripts" / "verify_dataset.py", tmp_path / "sub", "--workers", 1, "--out", listed).returncode == 1
+    assert listed.read_text() == f"{bad_file}\n"
+    (tmp_path / "empty").mkdir()
+    for args, message in (((tmp_path / "sub", "--workers", 0), "--workers 0 is not valid; valid: a positive integer"),
+                          ((tmp_path / "sub", "--out", tmp_path), f"--out {tmp_path} is a directory"),  # was a traceback
+                          ((tmp_path / "empty",), f"{tmp_path / 'empty'} holds no image files")):  # was 0 unreadable
+        done = _run_script(ROOT / "scripts" / "verify_dataset.py", *args)
+        assert done.returncode == 2 and done.stderr.startswith(f"error: {message}"), done.stderr
 
 
 def test_resize_tree_makes_a_small_copy_once(tiny_shapes, tmp_path):
@@ -329,6 +338,8 @@ def test_a_resized_copy_serves_only_the_side_it_was_made_at(tiny_shapes, tmp_pat
     assert (root / "RESIZED").stat().st_mtime_ns == stamp and min(Image.open(next(root.rglob("*.JPEG"))).size) == 16
     with pytest.raises(DatasetError, match="short side 0 is not valid; valid: a positive integer"):
         resize_tree(tiny_shapes, tmp_path / "zero", 0, workers=1, progress=False)  # was a copy of 1 px images
+    with pytest.raises(DatasetError, match="--workers 0 is not valid; valid: a positive integer"):
+        resize_tree(tiny_shapes, tmp_path / "zero", 16, workers=0, progress=False)  # was one process without a word
     assert not (tmp_path / "zero").exists() and not (tmp_path / ".zero.lock").exists()
 
 

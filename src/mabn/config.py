@@ -107,6 +107,9 @@ def check_data(data: DictConfig) -> None:
     for key in sizes:  # a generated tree of 0 px images or no images would train without complaint
         value = OmegaConf.select(data, f"generate_options.{key}")
         require(f"data.generate_options.{key}", value, is_int(value) and value > 0, "a positive integer")
+    workers = OmegaConf.select(data, "generate_options.workers") if how == "resize" else None
+    require("data.generate_options.workers", workers, workers is None or (is_int(workers) and workers > 0),
+            "a positive integer (resizing processes)")
 
 
 def check_schedule_and_optim(cfg: DictConfig) -> None:

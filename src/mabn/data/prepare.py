@@ -117,6 +117,11 @@ def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int
                     link.symlink_to(f.resolve())
     return classes
 
+def check_workers(workers, flag: str = "--workers") -> None:
+    """Processes of a preparation pool: a positive integer (0 or -2 ran one process without a word)."""
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
+        raise DatasetError(f"{flag} {workers!r} is not valid; valid: a positive integer (processes)")
+
 
 def _check_image(path: str) -> str | None:
     try:
@@ -128,10 +133,13 @@ def _check_image(path: str) -> str | None:
 
 
 def find_unreadable(root: str | os.PathLike, workers: int = 2, progress: bool = True) -> list[tuple[str, str]]:
-    """(path, reason) for every image file under `root` that does not decode."""
+    """(path, reason) for every image file under `root` that does not decode; DatasetError when it holds none."""
+    check_workers(workers)
     files = sorted(str(p) for p in pathlib.Path(root).rglob("*") if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if not files:  # a wrong root must not pass as a dataset with no bad images
+        raise DatasetError(f"{root} holds no image files ({' '.join(IMG_EXTENSIONS)}); pass a dataset root")
     bad = []
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         results = pool.map(_check_image, files, chunksize=64)
         for path, reason in progress_bar(zip(files, results), total=len(files), desc="verifying", unit="img", disable=not progress):
             if reason is not None:
@@ -159,6 +167,7 @@ def resize_tree(src: str | os.PathLike, dst: str | os.PathLike, short_side: int,
     staging folder and renamed into place when complete; an existing complete copy is reused, and nothing
     else at `dst` is replaced (`reusable_copy`)."""
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    check_workers(workers)
     reusable_copy(src, dst, short_side)  # a refusal writes nothing, not even the lock file; asked again under the lock
     with exclusive(dst):  # a second process started at the same time waits here, then reuses the copy
         return _resize_tree(src, dst, short_side, workers, progress)
@@ -196,7 +205,7 @@ def _resize_tree(src: pathlib.Path, dst: pathlib.Path, short_side: int, workers:
             target = staging / path.relative_to(src).with_suffix(".JPEG")
             target.parent.mkdir(parents=True, exist_ok=True)
             jobs.append((str(path), str(target), short_side))
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         failures = [f for f in progress_bar(pool.map(_resize_one, jobs, chunksize=64), total=len(jobs), desc=f"resizing to {short_side}px",
                                     unit="img", disable=not progress) if f]
     if failures:
