@@ -28,8 +28,10 @@ def main() -> int:
     parser.add_argument("--out", help="write the sorted tree here instead of moving files in place")
     parser.add_argument("--link", action="store_true", help="with --out: symlink instead of copy")
     args = parser.parse_args()
-    if not (args.loc_csv or (args.ground_truth and args.meta)):
-        parser.error("give --loc-csv, or --ground-truth with --meta")
+    if bool(args.loc_csv) == bool(args.ground_truth or args.meta) or not (args.loc_csv or (args.ground_truth and args.meta)):
+        parser.error("give --loc-csv, or --ground-truth with --meta (one labels file, not both)")
+    if args.link and not args.out:  # in place, it left the images where they were and linked them into class folders
+        parser.error("--link needs --out (in place, the images are moved)")
 
     def sort_val() -> str:
         if args.loc_csv:

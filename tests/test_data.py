@@ -263,6 +263,38 @@ def test_prepare_imagenet_from_devkit_files(tmp_path):
     assert out.returncode == 0, out.stderr
     placed = {p.stem: p.parent.name for p in (tmp_path / "sorted").rglob("*.JPEG")}
     assert placed == wnids
+    (tmp_path / "sorted" / "n01440764" / "ILSVRC2012_val_00000003.JPEG").unlink()  # as if interrupted: run it again
+    again = _run_script(*out.args[1:])
+    assert again.returncode == 0, again.stderr  # was FileExistsError on the first link already there
+    assert {p.stem: p.parent.name for p in (tmp_path / "sorted").rglob("*.JPEG")} == wnids
+
+
+def test_prepare_imagenet_names_a_labels_file_it_cannot_read(tmp_path):
+    from scipy.io import savemat
+
+    from mabn.data import DatasetError
+    from mabn.data.prepare import val_labels_from_devkit, val_labels_from_loc_csv
+
+    (tmp_path / "wrong.csv").write_text("id,label\nILSVRC2012_val_00000001,n01440764\n")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xd8\xff\xe0 a JPEG")
+    (tmp_path / "gt.txt").write_text("1\n7\n")
+    synsets = np.zeros((1,), dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O")])
+    synsets[0] = (1, "n01440764")
+    savemat(tmp_path / "meta.mat", {"synsets": synsets})
+    savemat(tmp_path / "other.mat", {"x": 1})
+    cases = ((val_labels_from_loc_csv, ("wrong.csv",), r"has columns \['id', 'label'\], not ImageId,PredictionString"),
+             (val_labels_from_loc_csv, ("binary.csv",), "is not a CSV file"),  # these three were tracebacks
+             (val_labels_from_devkit, ("gt.txt", "other.mat"), "other.mat is not the devkit's meta.mat"),
+             (val_labels_from_devkit, ("wrong.csv", "meta.mat"), "wrong.csv is not the devkit's validation ground truth"),
+             (val_labels_from_devkit, ("gt.txt", "meta.mat"), r"gt.txt names class IDs \[7\] that .*meta.mat does not have"))
+    for reader, files, message in cases:
+        with pytest.raises(DatasetError, match=message):
+            reader(*(tmp_path / f for f in files))
+    flat, _ = _flat_val(tmp_path)
+    for flags in (("--loc-csv", "wrong.csv", "--link"), ("--loc-csv", "wrong.csv", "--ground-truth", "gt.txt")):
+        done = _run_script(ROOT / "scripts" / "prepare_imagenet.py", "--val-dir", flat, *flags)
+        assert done.returncode == 2 and ("--link needs --out" in done.stderr or "not both" in done.stderr), done.stderr
+    assert len(list(flat.glob("*.JPEG"))) == 6
 
 
 def test_prepare_imagenet_refuses_unlabelled_images(tmp_path):

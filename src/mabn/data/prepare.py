@@ -42,9 +42,19 @@ def run_cli(action) -> int:
 def val_labels_from_loc_csv(csv_path: str | os.PathLike) -> dict[str, str]:
     """{image id: wnid} from Kaggle's LOC_val_solution.csv (ImageId, PredictionString 'wnid x y x y ...')."""
     labels = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            labels[row["ImageId"]] = row["PredictionString"].split()[0]
+    try:
+        with open(csv_path, newline="") as f:
+            rows = csv.DictReader(f)
+            if not {"ImageId", "PredictionString"} <= set(rows.fieldnames or ()):
+                raise DatasetError(f"{csv_path} has columns {rows.fieldnames}, not ImageId,PredictionString; "
+                                   "valid: Kaggle's LOC_val_solution.csv")
+            for line, row in enumerate(rows, start=2):
+                if not (row["PredictionString"] or "").split():
+                    raise DatasetError(f"{csv_path} line {line} has no wnid in PredictionString")
+                labels[row["ImageId"]] = row["PredictionString"].split()[0]
+    except (UnicodeDecodeError, csv.Error) as err:  # a binary or mangled file: no traceback
+        raise DatasetError(f"{csv_path} is not a CSV file ({type(err).__name__}: {err}); valid: Kaggle's "
+                           "LOC_val_solution.csv") from None
     if not labels:
         raise DatasetError(f"{csv_path} holds no rows with ImageId,PredictionString")
     return labels
@@ -55,9 +65,21 @@ def val_labels_from_devkit(ground_truth: str | os.PathLike, meta_mat: str | os.P
     line, in image order) and meta.mat (ILSVRC2012_ID -> WNID)."""
     from scipy.io import loadmat
 
-    synsets = loadmat(str(meta_mat), squeeze_me=True)["synsets"]
-    wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
-    ids = [int(line) for line in pathlib.Path(ground_truth).read_text().split()]
+    try:
+        synsets = loadmat(str(meta_mat), squeeze_me=True)["synsets"].reshape(-1)  # squeeze_me leaves 1 synset 0-d
+        wnid_of = {int(s["ILSVRC2012_ID"]): str(s["WNID"]) for s in synsets}
+    except OSError:
+        raise  # a missing file: run_cli's one line
+    except Exception as err:  # scipy raises IndexError, MatReadError, ValueError... for a file that is not a .mat
+        raise DatasetError(f"{meta_mat} is not the devkit's meta.mat ({type(err).__name__}: {err})") from None
+    try:
+        ids = [int(word) for word in pathlib.Path(ground_truth).read_text().split()]
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DatasetError(f"{ground_truth} is not the devkit's validation ground truth (one class ID per line): "
+                           f"{type(err).__name__}: {err}") from None
+    unknown = sorted(set(ids) - set(wnid_of))
+    if unknown:
+        raise DatasetError(f"{ground_truth} names class IDs {unknown[:5]} that {meta_mat} does not have")
     return {f"ILSVRC2012_val_{k:08d}": wnid_of[i] for k, i in enumerate(ids, start=1)}
 
 
@@ -79,6 +101,8 @@ def sort_val_folder(val_dir: str | os.PathLike, labels: dict[str, str], out_dir=
         target = out_dir / labels[path.stem] / path.name
         target.parent.mkdir(parents=True, exist_ok=True)
         if link:
+            if target.is_symlink() and target.resolve() == path.resolve():
+                continue  # placed by an earlier, interrupted run
             target.symlink_to(path.resolve())
         elif out_dir == val_dir:
             path.rename(target)
@@ -116,6 +140,7 @@ def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int
                 if not link.exists():
                     link.symlink_to(f.resolve())
     return classes
+
 
 def check_workers(workers, flag: str = "--workers") -> None:
     """Processes of a preparation pool: a positive integer (0 or -2 ran one process without a word)."""
