@@ -183,6 +183,19 @@ def test_gn_conversion_warns_that_running_statistics_are_lost():
     assert count(converted, NORMS["gn"]) == 20
 
 
+@pytest.mark.parametrize("norm", ["bn", "mabn", "gn", "in"])
+def test_a_bn_that_tracked_no_running_statistics_warns_that_the_eval_function_changed(norm):
+    """torch's BatchNorm2d(track_running_stats=False) normalizes each eval batch by its own statistics; a converted
+    layer with running statistics starts them at 0 and 1 (it was converted without a word), one without has none."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    before = model(x)
+    message = "gamma and beta only" if norm in ("gn", "in") else "had track_running_stats=False"
+    with pytest.warns(UserWarning, match=message):
+        convert_model(model, norm, centered_conv=False)
+    assert not torch.allclose(model(x), before, atol=1e-3)  # the change the warning speaks of
+
+
 def test_errors_name_the_value_and_what_is_valid():
     model = torchvision.models.resnet18(weights=None)
     with pytest.raises(ValueError, match="unknown norm 'batchnorm'; valid: .*mabn"):

@@ -8,7 +8,8 @@
 In eval mode, and without centered convs, the converted model computes the same function as the
 original wherever the target norm can: BN (ghost batches), SyncBN, BRN and MABN take the running
 statistics over (MABN has no mean: its bias absorbs -gamma mu / sqrt(var + eps)). GN has no running
-statistics: it keeps only gamma and beta, and a warning says the function changed.
+statistics: it keeps only gamma and beta, and a warning says the function changed; so does one for a
+BatchNorm2d(track_running_stats=False), which normalized each eval batch by its own statistics.
 """
 import math
 import warnings
@@ -55,7 +56,7 @@ def convert_model(model: nn.Module, norm: str, *, norm_batch: int | None = None,
     targets = [(path, m) for path, m in model.named_modules() if is_source_norm(m)]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no BatchNorm2d, SyncBatchNorm or FrozenBatchNorm2d to convert")
-    lost = []
+    lost, untracked = [], []
     for path, old in targets:
         kwargs = dict(options)
         kwargs.setdefault("eps", old.eps)
@@ -71,6 +72,8 @@ def convert_model(model: nn.Module, norm: str, *, norm_batch: int | None = None,
             raise ValueError(f"{cls.__name__} '{path}': {err}") from None
         if not carry_state(old, new):
             lost.append(path)
+        elif getattr(old, "running_var", 0) is None:
+            untracked.append(path)
         frozen = not unfreeze and not _trainable(old)
         for p in new.parameters(recurse=False):
             p.requires_grad_(not frozen)
@@ -82,6 +85,10 @@ def convert_model(model: nn.Module, norm: str, *, norm_batch: int | None = None,
     if lost:
         warnings.warn(f"{norm} has no running statistics: {len(lost)} converted layers (first: '{lost[0]}') keep "
                       f"gamma and beta only, so the model no longer computes its eval-mode function", stacklevel=2)
+    if untracked:  # torch's BN then normalizes every eval batch by its own statistics; ours use running ones
+        warnings.warn(f"{len(untracked)} converted layers (first: '{untracked[0]}') had track_running_stats=False, so "
+                      f"their running statistics start at mean 0, variance 1 and the eval-mode function changed: "
+                      f"train, or re-estimate them (mabn.precise_stats), before evaluating", stacklevel=2)
     if (norm == "mabn") if centered_conv is None else centered_conv:
         center_convs(model)
     name_norm_layers(model)
@@ -110,7 +117,7 @@ def carry_state(old: nn.Module, new: nn.Module) -> bool:
     new.bias.copy_(beta)
     mean, var = old.running_mean, old.running_var
     if mean is None or var is None:  # BatchNorm2d(track_running_stats=False): nothing more to carry
-        return True
+        return hasattr(new, "running_var") or hasattr(new, "running_std")
     if hasattr(new, "running_std"):  # BRN: inference is (x - mu) / sigma with sigma = sqrt(var + eps)
         new.running_mean.copy_(mean)
         new.running_std.copy_(torch.sqrt(var + old.eps))
