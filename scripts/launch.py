@@ -6,6 +6,7 @@ after `--` is passed to the training entry as Hydra overrides. `--cpu` runs the 
 CPU (gloo), e.g. to try a 2-process job on a laptop: `make train PROCS=2`.
 """
 import argparse
+import errno
 import os
 import socket
 import sys
@@ -16,12 +17,19 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def check_port_free(addr: str, port: int) -> None:
+def check_master(addr: str, port: int) -> None:
+    """Node rank 0 serves the rendezvous at MASTER_ADDR:MASTER_PORT: the address must be this machine's, the port free."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("" if addr in ("127.0.0.1", "localhost") else addr, port))
-        except OSError:
+        except socket.gaierror:
+            fail(f"MASTER_ADDR={addr} does not resolve; valid: this machine's host name or IP address (node rank 0 "
+                 f"hosts the rendezvous), e.g. MASTER_ADDR=$(hostname)")
+        except OSError as err:
+            if err.errno == errno.EADDRNOTAVAIL:
+                fail(f"MASTER_ADDR={addr} is not an address of this machine, and node rank 0 hosts the rendezvous; "
+                     f"run node rank 0 on {addr}, or set MASTER_ADDR=$(hostname) here")
             fail(f"MASTER_PORT={port} is in use on {addr}; choose another, e.g. MASTER_PORT={port + 1}")
 
 
@@ -41,6 +49,8 @@ def main() -> None:
         fail(f"{processes}={args.gpus} and NODES={args.nodes} are not valid; valid: integers >= 1")
     if not 0 <= args.node_rank < args.nodes:
         fail(f"NODE_RANK={args.node_rank} must be between 0 and NODES-1={args.nodes - 1}")
+    if not args.master_addr.strip() or any(c.isspace() for c in args.master_addr):  # an unset shell variable
+        fail(f"MASTER_ADDR={args.master_addr!r} is not valid; valid: the host name or IP address of node rank 0")
     if not 1 <= args.master_port <= 65535:  # 99999 was a traceback from the port check; 0 has no meaning across nodes
         fail(f"MASTER_PORT={args.master_port} is not valid; valid: a TCP port in 1-65535 (default 29500)")
     if args.cpu:
@@ -54,7 +64,7 @@ def main() -> None:
                  f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
                  f"use GPUS<={visible}, or PROCS={args.gpus} for CPU processes")
     if args.node_rank == 0:
-        check_port_free(args.master_addr, args.master_port)
+        check_master(args.master_addr, args.master_port)
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nodes}", f"--node_rank={args.node_rank}",
         f"--nproc_per_node={args.gpus}", f"--master_addr={args.master_addr}", f"--master_port={args.master_port}",

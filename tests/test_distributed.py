@@ -275,3 +275,9 @@ def test_launch_refuses_more_gpus_than_visible_and_a_busy_or_impossible_port():
         out = subprocess.run(_launch(port), capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr == f"error: MASTER_PORT={port} is not valid; valid: a TCP port in " \
             "1-65535 (default 29500)\n", out.stderr
+    addresses = (("", "MASTER_ADDR='' is not valid"), ("nohost.invalid", "MASTER_ADDR=nohost.invalid does not resolve"),
+                 ("192.0.2.1", "MASTER_ADDR=192.0.2.1 is not an address of this machine"))  # both said: port in use
+    for addr, message in addresses:
+        command = _launch(free_port())
+        out = subprocess.run([*command[:2], "--master-addr", addr, *command[2:]], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and out.stderr.startswith(f"error: {message}"), out.stderr
