@@ -375,6 +375,28 @@ def test_a_resized_copy_serves_only_the_side_it_was_made_at(tiny_shapes, tmp_pat
     assert not (tmp_path / "zero").exists() and not (tmp_path / ".zero.lock").exists()
 
 
+def test_the_shapes_serve_only_the_options_they_were_drawn_with(tmp_path):
+    """A run asking for another size or count with the same data.root trained on the old tree without a word."""
+    from mabn.data import DatasetError, check_root, resolve_root
+
+    def cfg(size):
+        return data_cfg(tmp_path / "shapes", generate="shapes",
+                        generate_options={"train_per_class": 1, "val_per_class": 1, "size": size})
+
+    root = resolve_root(cfg(16))
+    stamp = (root / "VERSION").stat().st_mtime_ns
+    for check in (check_root, resolve_root):
+        with pytest.raises(DatasetError, match="shapes holds the shapes drawn with train_per_class=1 val_per_class=1 "
+                                               "size=16 seed=0, not with .* size=24 seed=0 as asked"):
+            check(cfg(24))
+    assert (root / "VERSION").stat().st_mtime_ns == stamp and Image.open(next(root.rglob("*.JPEG"))).size == (16, 16)
+    (root / "VERSION").write_text("shapes10-v1\n")  # the marker of trees drawn before it named the options: redrawn
+    assert resolve_root(cfg(24)) == root and Image.open(next(root.rglob("*.JPEG"))).size == (24, 24)
+    done = _run_script(ROOT / "scripts" / "make_shapes_dataset.py", "--root", tmp_path / "zero", "--size", 0)
+    assert done.returncode == 2 and done.stderr == "error: size=0 is not valid; valid: an integer >= 1\n"  # traceback
+    assert not (tmp_path / "zero").exists()
+
+
 def test_a_generator_never_replaces_a_folder_it_did_not_write(tiny_shapes, tmp_path):
     """data.root set to a real dataset while data.generate is still on (the default data=shapes, or a resize)
     deleted that dataset and wrote the generated one in its place; so did a resize's --dst. Now: one error,

@@ -62,7 +62,7 @@ def check_root(data_cfg) -> None:
     if not how:
         check_layout(root)
     elif how == "shapes":
-        shapes.reusable(root)
+        shapes.reusable(root, **data_cfg.get("generate_options", {}))
     elif how == "resize":
         source = pathlib.Path(os.path.expanduser(str(data_cfg.generate_options.source)))
         check_layout(source)

@@ -16,6 +16,7 @@ import tempfile
 from PIL import Image, ImageDraw, ImageFilter
 
 from ..progress import progress_bar
+from .folder import DatasetError
 from .lock import exclusive
 from .prepare import ensure_replaceable
 
@@ -100,23 +101,43 @@ def generate(root: str | os.PathLike, train_per_class: int = 260, val_per_class:
              seed: int = 0, progress: bool = True) -> pathlib.Path:
     """Write the dataset under `root` (atomically: a half-written tree is never left behind)."""
     root = pathlib.Path(root)
-    reusable(root)  # a refusal writes nothing, not even the lock file; asked again under the lock
+    reusable(root, train_per_class, val_per_class, size, seed)  # a refusal writes nothing, not even the lock file
     with exclusive(root):  # a second process started at the same time waits here, then reuses the tree
         return _generate(root, train_per_class, val_per_class, size, seed, progress)
 
 
-def reusable(root: pathlib.Path) -> bool:
-    """Whether `root` holds this version's tree; DatasetError when it is a folder the generator did not write
-    (it would be replaced). Writes nothing."""
-    if (root / "VERSION").is_file():
-        return (root / "VERSION").read_text().strip() == VERSION
-    ensure_replaceable(root, "VERSION", "the shapes generator")
-    return False
+def recipe(train_per_class: int = 260, val_per_class: int = 50, size: int = 64, seed: int = 0) -> str:
+    """What the VERSION file records under the version line: the options a tree was drawn with."""
+    options = dict(train_per_class=train_per_class, val_per_class=val_per_class, size=size, seed=seed)
+    for name, value in options.items():  # 0 px was PIL's traceback, 0 per class an empty tree that trained
+        low = 0 if name == "seed" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise DatasetError(f"{name}={value!r} is not valid; valid: an integer >= {low}")
+    return " ".join(f"{name}={value}" for name, value in options.items())
+
+
+def reusable(root: pathlib.Path, train_per_class: int = 260, val_per_class: int = 50, size: int = 64,
+             seed: int = 0) -> bool:
+    """Whether `root` holds this version's tree drawn with these options (an older version's is replaced);
+    DatasetError when it holds a tree drawn with other options, or is a folder the generator did not write
+    (either would be replaced). Writes nothing."""
+    wanted = recipe(train_per_class, val_per_class, size, seed)
+    marker = root / "VERSION"
+    if not marker.is_file():
+        ensure_replaceable(root, "VERSION", "the shapes generator")
+        return False
+    version, _, made = marker.read_text().strip().partition("\n")
+    if version != VERSION or not made:  # an older generator's tree: ours to redraw
+        return False
+    if made == wanted:
+        return True
+    raise DatasetError(f"{root} holds the shapes drawn with {made}, not with {wanted} as asked; write them to another "
+                       f"folder (data.root), or delete {root} to redraw it")
 
 
 def _generate(root: pathlib.Path, train_per_class: int, val_per_class: int, size: int, seed: int,
               progress: bool) -> pathlib.Path:
-    if reusable(root):
+    if reusable(root, train_per_class, val_per_class, size, seed):
         return root
     log.info("generating the embedded shapes dataset into %s", root)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=".shapes-", dir=root.parent))
@@ -128,7 +149,7 @@ def _generate(root: pathlib.Path, train_per_class: int, val_per_class: int, size
         folder.mkdir(parents=True, exist_ok=True)
         draw(label, size, rng).save(folder / f"{WNIDS[label]}_{split}_{k:05d}.JPEG", quality=90)
     (staging / "LOC_synset_mapping.txt").write_text("".join(f"{w} {c}\n" for w, c in zip(WNIDS, CLASSES)))
-    (staging / "VERSION").write_text(VERSION + "\n")
+    (staging / "VERSION").write_text(f"{VERSION}\n{recipe(train_per_class, val_per_class, size, seed)}\n")
     if root.exists():
         shutil.rmtree(root)
     os.replace(staging, root)
