@@ -18,7 +18,6 @@ channels: the median of used / own - 1 (each layer's median over channels, then 
 and iterations) and the mean |log(used / own)|.
 """
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -28,6 +27,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mabn.checkpoint import read_records  # noqa: E402
 from mabn.results import figure_path, load_run  # noqa: E402
 
 STATISTICS = ["mu_B", "sigma2_B", "g_B", "Psi_B"]
@@ -45,8 +45,7 @@ def load_stats(run_dir: pathlib.Path) -> tuple[str, dict, str]:
     if not path.is_file():
         sys.exit(f"error: {path} missing; train with stats.enabled=true")
     series: dict = {}
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for record in read_records(path):
         for layer, values in record["layers"].items():
             for key, value in values.items():
                 series.setdefault(layer, {}).setdefault(key, []).append((record["step"], value))

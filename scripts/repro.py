@@ -28,7 +28,6 @@ can continue on another machine from the committed records alone. With the overr
 reported as paused, not finished: the same command without it trains each on from there.
 """
 import argparse
-import json
 import os
 import pathlib
 import queue
@@ -41,6 +40,7 @@ import time
 from hydra import compose, initialize_config_dir
 
 from mabn import run_lock
+from mabn.checkpoint import read_records
 from mabn.stop import StopSignal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -147,11 +147,7 @@ def is_finished(run_dir: pathlib.Path) -> bool:
 
 def epoch_records(run_dir: pathlib.Path) -> list[dict]:
     """The per-epoch records of a run dir's metrics.jsonl (none before its first epoch)."""
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        return []
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    return [r for r in records if "epoch" in r]
+    return [r for r in read_records(run_dir / "metrics.jsonl") if "epoch" in r]
 
 
 def epochs_done(run_dir: pathlib.Path) -> int:

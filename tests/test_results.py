@@ -136,6 +136,25 @@ def test_an_out_the_scripts_cannot_write_is_one_error_line_before_any_run_is_rea
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
 
 
+def test_a_line_cut_short_by_a_kill_is_left_out_by_every_reader(tmp_path):
+    """A run killed mid-write leaves its last line cut short until it resumes (and rewinds its records); the table,
+    the plots, repro (deciding what to resume) and evaluation stopped at it with a JSONDecodeError."""
+    from mabn.evaluation import training_sources
+
+    run = tmp_path / "run"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text("seed: 0\ndata: {name: d, batch_per_gpu: 8}\nmodel: {name: m}\n"
+                                                "norm: {name: mabn, norm_batch: 4}\nschedule: {epochs: 2}\n")
+    epoch = {"epoch": 1, "val_top1_err": 50.0, "source": "abc"}
+    (run / "metrics.jsonl").write_text(json.dumps(epoch) + '\n{"epoch": 2, "val_top1_err": 4')
+    stats = {"step": 0, "layers": {"bn1": {"mu_B": 0.5}}}
+    (run / "batch_stats.jsonl").write_text(json.dumps(stats) + '\n{"step": 10, "layers": {"bn1": {"mu_B": 0.')
+    assert [r.epochs for r in find_runs(tmp_path)] == [[epoch]]
+    assert load_script("repro").epoch_records(run) == [epoch]
+    assert training_sources(run / "checkpoints" / "best.pt") == ["abc"]
+    assert load_script("plot_batch_stats").load_stats(run)[1] == {"bn1": {"mu_B": [(0, 0.5)]}}
+
+
 def test_lag_compares_what_mabn_and_brn_divide_by_with_the_groups_own_and_skips_bn():
     plot_batch_stats = load_script("plot_batch_stats")
     own = {"mu_B": [(0, 1.0), (20, 1.0)], "sigma2_B": [(0, 1.0), (20, 3.0)]}

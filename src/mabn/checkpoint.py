@@ -62,6 +62,23 @@ def rewind_records(path: pathlib.Path, keep) -> None:
         _atomic_write(path, lambda f: f.writelines(kept))
 
 
+def read_records(path: str | os.PathLike) -> list[dict]:
+    """The JSON records of the line file `path` (metrics.jsonl, batch_stats.jsonl); none when it is missing. A line
+    cut short by a kill (or being written now) is left out, as `rewind_records` drops it: reports read run dirs
+    that a killed run left as they were."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_bytes().splitlines(keepends=True):
+        try:
+            if line.strip() and line.endswith(b"\n"):
+                records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 def _keeps(keep, line: bytes) -> bool:
     try:
         return bool(keep(json.loads(line)))

@@ -14,7 +14,6 @@ and one whose folders are named otherwise (ImageNet-V2's `0..999`) is refused in
 against the wrong labels.
 """
 import itertools
-import json
 import logging
 import math
 import pathlib
@@ -25,6 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
+from .checkpoint import read_records
 from .data import DatasetError, build_loaders, resolve_root
 from .data.folder import SeededImageFolder, class_names, collate_skipping_unreadable
 from .data.index import load_index
@@ -214,16 +214,11 @@ def score_networks(networks: dict, loader, labels_of: torch.Tensor, device: str,
 
 def training_sources(checkpoint: pathlib.Path) -> list[str]:
     """The commits that trained the run (its metrics.jsonl's `source`s, in order), where the run dir is at hand."""
-    metrics = checkpoint.parent.parent / "metrics.jsonl"
     sources = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                source = json.loads(line).get("source")
-            except json.JSONDecodeError:
-                continue
-            if source and source not in sources:
-                sources.append(source)
+    for record in read_records(checkpoint.parent.parent / "metrics.jsonl"):
+        source = record.get("source")
+        if source and source not in sources:
+            sources.append(source)
     return sources
 
 

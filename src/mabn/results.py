@@ -2,7 +2,6 @@
 import collections
 import csv
 import io
-import json
 import math
 import pathlib
 import statistics
@@ -10,6 +9,7 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
+from .checkpoint import read_records
 from .resume import flat, is_operational
 
 # SPEC §5: ResNet-50 ImageNet val top-1 error (%), by (norm, normalization batch).
@@ -80,10 +80,7 @@ def load_run(run_dir: pathlib.Path) -> Run | None:
         norm_batch=int(cfg.norm.norm_batch), batch_per_gpu=int(cfg.data.batch_per_gpu), tag=str(cfg.get("tag", "")),
         seed=int(cfg.seed), schedule_epochs=int(cfg.schedule.epochs), settings=run_settings(cfg),
     )
-    for line in metrics_file.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
+    for record in read_records(metrics_file):
         if "epoch" in record:
             run.epochs.append(record)
         elif record.get("event") == "finished":
