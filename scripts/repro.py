@@ -38,9 +38,12 @@ import threading
 import time
 
 from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
 from mabn import run_lock
 from mabn.checkpoint import read_records
+from mabn.config import ConfigError, validate
+from mabn.preflight import check_layers
 from mabn.stop import StopSignal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -112,11 +115,18 @@ class Plan:
         return [f"experiment={self.experiment}", *run, f"output_root={self.output_root}", *self.extra]
 
     def _compose(self, run: list[str]) -> tuple[pathlib.Path, int | None]:
-        """(run dir, train.stop_after_epochs) of the run's composed config."""
+        """(run dir, train.stop_after_epochs) of the run's composed config; SystemExit with one `error:` line when
+        the overrides do not compose or give a value the run's preflight would refuse (every run would fail)."""
         with self.compose_lock:
             if tuple(run) not in self.composed:
-                with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-                    cfg = compose(config_name="train", overrides=self.overrides(run), return_hydra_config=True)
+                try:
+                    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+                        cfg = compose(config_name="train", overrides=self.overrides(run), return_hydra_config=True)
+                    validate(cfg)
+                    check_layers(cfg)
+                except (HydraException, ConfigError) as err:
+                    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise SystemExit(f"error: {' '.join(run + self.extra)}: {first}") from None
                 run_dir = pathlib.Path(str(cfg.output_root)) / str(cfg.task_name) / str(cfg.run_name)
                 self.composed[tuple(run)] = run_dir, cfg.train.get("stop_after_epochs")
             return self.composed[tuple(run)]
@@ -343,10 +353,14 @@ def main() -> int:
     parser.add_argument("--list", action="store_true", help="print the plan with each run's state, run nothing")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (key=value)")
     args = parser.parse_args()
-    seeds = parse_list(args.seeds, int, name="--seeds", hint="comma-separated integers, e.g. 0,1")
+    seeds = parse_list(args.seeds, int, name="--seeds", hint="comma-separated integers >= 0, e.g. 0,1")
+    if min(seeds) < 0 or len(set(seeds)) < len(seeds):  # -1 failed in every run's preflight; 0,0 ran seed 0 once
+        raise SystemExit(f"error: --seeds={args.seeds!r} is not valid; valid: distinct integers >= 0, e.g. 0,1")
     parts = parse_list(args.only, str, PARTS, name="--only")
     norms = parse_list(args.norms, str, NORMS, name="--norms") if args.norms is not None else None
     batches = parse_list(args.batches, int, sorted(FIGURE_BATCHES), name="--batches") if args.batches is not None else None
+    if not args.spread >= 0:  # negative or nan: every setting would get a third seed
+        raise SystemExit(f"error: --spread={args.spread} is not valid; valid: a number of points >= 0 (default 2)")
     if args.lanes < 1:
         raise SystemExit(f"error: --lanes={args.lanes} is not valid; valid: an integer >= 1")
     if args.threads is not None and args.threads < 1:  # it becomes each lane's OMP_NUM_THREADS

@@ -82,7 +82,13 @@ def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path, monkeypat
                           (["--norms", "bn,xn"], "--norms='bn,xn' is not valid"), (["--batches", "3"], "--batches='3' is not valid"),
                           (["--batches", "b2"], "--batches='b2' is not valid"),
                           (["--lanes", "0"], "--lanes=0 is not valid"), (["--threads", "0"], "--threads=0 is not valid"),
-                          (["--only", "ablations", "--norms", "bn"], "--norms=bn --batches=None select no run")):
+                          (["--only", "ablations", "--norms", "bn"], "--norms=bn --batches=None select no run"),
+                          (["--seeds", "-1"], "--seeds='-1' is not valid; valid: distinct integers >= 0"),
+                          (["--spread", "-1"], "--spread=-1.0 is not valid"),  # every setting got a third seed
+                          # an override every run would refuse at its start, or one that does not compose (traceback)
+                          (["--only", "real_b2", "train.amp=maybe"], "norm=mabn data.batch_per_gpu=2 train.grad_accum=16 "
+                           "seed=0 train.amp=maybe: train.amp='maybe' is not valid; valid: true or false"),
+                          (["nope=1"], "norm=mabn norm.norm_batch=32 seed=0 nope=1: Could not override 'nope'")):
         monkeypatch.setattr(sys, "argv", ["repro.py", "--list", "--output-root", str(tmp_path), *args])
         with pytest.raises(SystemExit) as stopped:
             repro.main()
