@@ -15,6 +15,16 @@ def test_bench_runner_writes_a_report(tmp_path):
     assert "| 2x64x112x112 | mabn |" in report and "/ BN" in report
 
 
+def test_bench_refuses_a_device_or_out_it_cannot_use_before_measuring(tmp_path):
+    (tmp_path / "report").write_text("kept")
+    for flags, message in ((["--device", "tpu"], "--device 'tpu' is not valid; valid: cpu, cuda or cuda:N"),
+                           (["--out", str(tmp_path / "report")], "is a file; valid: a folder")):  # after minutes, before
+        out = subprocess.run([sys.executable, "-m", "scripts.bench.run_all", "--quick", "--only", "norms", *flags],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr and "running norms" not in out.stderr, out.stderr
+    assert (tmp_path / "report").read_text() == "kept"
+
+
 def _page_faults_per_step(keep: bool) -> int:
     """Median minor page faults of 9 steady-state steps (an occasional step faults in ~1,000 pages for
     something else, which a mean over a few steps would count). Without the setting, the run pins

@@ -27,6 +27,13 @@ def main() -> int:
                         help="run one part (scale runs only when asked: it builds a 1.28 M-file tree once)")
     parser.add_argument("--out", default="outputs/bench")
     args = parser.parse_args()
+    # Checked before the minutes of measuring: a bad device failed at the first part, an --out file at the end.
+    if args.device != "cpu" and not (args.device == "cuda" or args.device.startswith("cuda:")):
+        parser.error(f"--device {args.device!r} is not valid; valid: cpu, cuda or cuda:N")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch sees no CUDA device here; valid: cpu")
+    if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+        parser.error(f"--out {args.out} is a file; valid: a folder for the bench_*.md and bench_*.json reports")
     if args.device == "cpu":
         keep_freed_blocks()  # as training on CPU does (mabn.train)
     parts = {
