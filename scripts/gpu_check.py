@@ -853,6 +853,9 @@ def main() -> int:
     if not args.out:
         print("error: --out is required: the folder for gpu_check.md and gpu_check.json", file=sys.stderr)
         return 2
+    if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():  # was a traceback
+        print(f"error: --out {args.out} is a file; valid: a folder for gpu_check.md and gpu_check.json", file=sys.stderr)
+        return 2
     try:
         compile_steps = parse_compile_steps(args.compile_steps)
     except ValueError as err:

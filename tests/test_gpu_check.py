@@ -175,3 +175,12 @@ def test_a_spent_budget_still_writes_the_report_prints_the_summary_last_and_leav
 
 def test_a_bad_budget_fails_in_one_line_before_anything_is_written(tmp_path):
     assert refused(tmp_path, "--budget", "0").startswith("error: --budget=0 is not valid; valid: a number of seconds > 0")
+
+
+def test_an_out_that_is_a_file_fails_in_one_line_and_is_kept(tmp_path):
+    (tmp_path / "report.md").write_text("kept")
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path / "report.md")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr == f"error: --out {tmp_path / 'report.md'} is a file; valid: a folder " \
+        "for gpu_check.md and gpu_check.json\n"  # was FileExistsError's traceback
+    assert (tmp_path / "report.md").read_text() == "kept"
