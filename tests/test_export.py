@@ -61,6 +61,18 @@ def test_export_errors_are_one_line(mabn_run, tmp_path):
         load_backbone(tmp_path / "junk.pt")
 
 
+def test_a_gn_run_exports_with_its_norms_and_refuses_to_fold(tiny_shapes, tmp_path):
+    run_dir = finished_run(tiny_shapes, tmp_path / "out", "model=resnet18", "model.width=64", "norm=gn",
+                           "data.crop_size=32", "data.val_resize=36", "train.max_batches_per_epoch=1")
+    done = _export(run_dir, tmp_path / "deploy.pt", "--fold")  # was a state_dict traceback
+    assert done.returncode == 2 and "norm gn has no per-channel affine form at inference" in done.stderr, done.stderr
+    assert "export without --fold" in done.stderr and not (tmp_path / "deploy.pt").exists()
+    assert _export(run_dir, tmp_path / "backbone.pt").returncode == 0
+    backbone, x = load_backbone(tmp_path / "backbone.pt").eval(), torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(x), load_trained(checkpoint_of(run_dir)).net(x), rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_narrow_models_have_no_torchvision_layout(tiny_shapes, tmp_path):
     run_dir = finished_run(tiny_shapes, tmp_path / "out", "train.max_batches_per_epoch=2")  # model.width=8

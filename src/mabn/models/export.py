@@ -14,7 +14,7 @@ from torch import nn
 from .. import checkpoint as ckpt
 from ..convert import center_convs
 from ..fold import fold_norms
-from ..norms import name_norm_layers, norm_factory
+from ..norms import NORMS, name_norm_layers, norm_factory
 from .trained import RunError, check_output, checkpoint_of, load_trained
 
 FORMAT = "mabn-backbone/1"
@@ -43,7 +43,14 @@ def export_backbone(run_dir: str | pathlib.Path, out: str | pathlib.Path, fold: 
     centered = kwargs["centered_conv"] if kwargs["centered_conv"] is not None else kwargs["norm"] == "mabn"
     layer_kwargs = {k: v for k, v in kwargs.items()
                     if k not in ("arch", "norm", "num_classes", "width", "stem", "centered_conv", "zero_init_last_gamma")}
-    state_dict = (fold_norms(net) if fold else net).state_dict()
+    if fold:
+        net = fold_norms(net)
+        left = [name for name, m in net.named_modules() if isinstance(m, tuple(NORMS.values()))]
+        if left:  # the file would not load: its norm layers have no place in a folded network
+            raise ExportError(f"{path}: norm {kwargs['norm']} has no per-channel affine form at inference (it normalizes "
+                              f"by each sample's own statistics), so its {len(left)} layers (first: {left[0]}) cannot be "
+                              f"folded into the convs; export without --fold")
+    state_dict = net.state_dict()
     entry = dict(format=FORMAT, arch=kwargs["arch"], num_classes=kwargs["num_classes"], norm=kwargs["norm"],
                  norm_kwargs=layer_kwargs, centered_conv=bool(centered), folded=fold, checkpoint=str(path),
                  state_dict=state_dict)
