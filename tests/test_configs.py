@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from mabn.config import FLAGS, model_kwargs, validate
 from mabn.models import build_model
 
-from .conftest import ROOT
+from .conftest import ROOT, train_command
 
 CONFIGS = ROOT / "configs"
 
@@ -206,6 +206,16 @@ def test_a_tag_with_its_dash_passes_and_ends_the_run_name(tag, run_name_end):
     cfg = _compose([f"tag={tag}"])  # Hydra reads tag=-2 as a number: its text is the suffix all the same
     validate(cfg)
     assert cfg.run_name.endswith(run_name_end)
+
+
+def test_a_sweep_checks_every_job_before_its_first_trains(tiny_shapes, tmp_path):
+    """A bad swept value failed only when its job came, after the jobs before it had trained (and left its run dir)."""
+    cmd = [arg for arg in train_command(tiny_shapes, tmp_path) if not arg.startswith("data.batch_per_gpu=")]
+    cmd[3:3] = ["--multirun", "norm=bn,mabn", "data.batch_per_gpu=8,0"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.splitlines()[-1] == "error: the sweep's job norm=bn data.batch_per_gpu=0: " \
+        "data.batch_per_gpu=0 must be a positive integer (make train BS=32)", done.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []  # no job ran, no run dir made
 
 
 @pytest.mark.parametrize("overrides", list(BAD_VALUES))

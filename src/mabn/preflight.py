@@ -62,6 +62,24 @@ def preflight(cfg: DictConfig, output_dir: str) -> None:
         raise ConfigError(f"output dir {output_dir!r} cannot be written ({problem}); set output_root to a writable folder")
 
 
+def check_sweep(config: DictConfig) -> None:
+    """The config checks of every job of a sweep, before its first job: a bad value among the swept ones
+    (`data.batch_per_gpu=8,0`) failed only when its job came, after the jobs before it had trained."""
+    from hydra import compose
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its own expansion, so the jobs are Hydra's
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    swept = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+    for batch in BasicSweeper.split_arguments(overrides, None):
+        for job in batch:
+            try:
+                preflight(compose(config_name=config.hydra.job.config_name, overrides=job), config.hydra.sweep.dir)
+            except (ConfigError, DatasetError) as err:
+                values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
+                raise type(err)(f"the sweep's job {values}: {err}" if values else str(err)) from None
+
+
 def check_run_dir_free(run_dir) -> None:
     """No other trainer holds the run dir (`run_lock`). Rank 0's check only: a job's ranks share its run dir,
     and rank 0 may hold it already when another rank gets here."""
@@ -95,7 +113,7 @@ class Preflight(Callback):
         self._fail_on_error(check)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._fail_on_error(lambda: preflight(config, config.hydra.sweep.dir))
+        self._fail_on_error(lambda: check_sweep(config))
         for folder in pathlib.Path(config.hydra.sweep.dir).glob(f"*/{config.hydra.output_subdir}"):
             self.records[folder.resolve()] = {name: (folder / name).read_bytes() for name in HYDRA_RECORDS
                                               if (folder / name).is_file()}
