@@ -20,13 +20,14 @@ def main() -> int:
     parser.add_argument("--val-per-class", type=int, help="images per class in val (default: all)")
     parser.add_argument("--seed", type=int, help="pick images at random with this seed (default: the first K)")
     args = parser.parse_args()
-    listed = None
-    if args.class_list:
-        listed = [line.split()[0] for line in open(args.class_list) if line.strip()]
-    elif args.classes is None:
+    if not args.class_list and args.classes is None:
         parser.error("give --classes N or --class-list FILE")
 
     def subset() -> str:
+        listed = None
+        if args.class_list:  # in here, a missing file is run_cli's one error line
+            with open(args.class_list) as f:
+                listed = [line.split()[0] for line in f if line.strip()]
         chosen = make_subset(args.src, args.dst, args.classes, listed, args.train_per_class, args.val_per_class, args.seed)
         return f"subset of {len(chosen)} classes at {args.dst}"
 

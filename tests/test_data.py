@@ -322,6 +322,21 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
         with pytest.raises(DatasetError, match=f"^{next(iter(bad))}=.* is not valid; valid: an integer >= 1, or none given"):
             make_subset(tiny_shapes, tmp_path / "bad", 3, seed=seed, **bad)
     assert not (tmp_path / "bad").exists()
+    assert make_subset(tiny_shapes, tmp_path / "sub", 4) == ["n90000001", "n90000002", "n90000003", "n90000004"]  # grown
+    (tmp_path / "mine" / "train").mkdir(parents=True)
+    (tmp_path / "empty.txt").write_text("\n")
+    # into the source itself (it said it made the subset), into another folder (links mixed into it), from another src
+    for dst, src, message in ((tiny_shapes, tiny_shapes, "is no subset made by make_subset"),
+                              (tmp_path / "mine", tiny_shapes, "is no subset made by make_subset"),
+                              (tmp_path / "sub", tmp_path / "mine", f"holds a subset of {tiny_shapes.resolve()}, not of")):
+        with pytest.raises(DatasetError, match=message):
+            make_subset(src, dst, 1)
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["train"]
+    for flags, message in ((["--class-list", tmp_path / "empty.txt"], "the class list names no classes"),
+                           (["--class-list", tmp_path / "none.txt"], "No such file or directory")):  # a traceback
+        done = _run_script(ROOT / "scripts" / "make_subset.py", "--src", tiny_shapes, "--dst", tmp_path / "new", *flags)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
+    assert not (tmp_path / "new").exists()
 
     good = _run_script(ROOT / "scripts" / "verify_dataset.py", tmp_path / "sub", "--workers", 1)
     assert good.returncode == 0 and "0 unreadable" in good.stderr

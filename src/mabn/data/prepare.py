@@ -115,8 +115,20 @@ def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int
                 classes: list[str] | None = None, train_per_class: int | None = None,
                 val_per_class: int | None = None, seed: int | None = None) -> list[str]:
     """Symlink a subset of an ImageNet-layout tree: the first `num_classes` (or the listed) classes,
-    the first (or, with `seed`, random) K images per class. Returns the chosen classes."""
+    the first (or, with `seed`, random) K images per class. Returns the chosen classes.
+
+    `dst` must be missing, empty, or a subset of the same `src` made before (its SUBSET file): links added to
+    another folder would mix its images with the subset's, and `dst` = `src` added nothing but said it had."""
     src, dst = pathlib.Path(src), pathlib.Path(dst)
+    marker = dst / "SUBSET"
+    made = marker.read_text().strip() if marker.is_file() else None
+    if made is not None and made != str(src.resolve()):
+        raise DatasetError(f"{dst} holds a subset of {made}, not of {src.resolve()}; give a new --dst")
+    if made is None and dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise DatasetError(f"{dst} is not empty and is no subset made by make_subset (it has no SUBSET file); "
+                           f"give a new --dst (the subset's links would mix with what is there)")
+    if classes is not None and not classes:
+        raise DatasetError("the class list names no classes; valid: a file with one wnid per line")
     for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if value is not None and (not isinstance(value, int) or value < 1):  # -1 took all but the last image, 0 none
             raise DatasetError(f"{name}={value} is not valid; valid: an integer >= 1, or none given (every image)")
@@ -129,6 +141,8 @@ def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int
     if unknown:
         raise DatasetError(f"classes {unknown[:5]} are not in {src / 'train'}")
     rng = random.Random(seed)
+    dst.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{src.resolve()}\n")
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         for name in classes:
             files = sorted(p for p in (src / split / name).iterdir() if p.suffix.lower() in IMG_EXTENSIONS)
