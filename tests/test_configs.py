@@ -157,6 +157,10 @@ BAD_VALUES = {  # override -> what the one error line must say
     "norm=brn norm.options.d_max_final=-1": "d_max_final=-1 is not valid",
     "norm=brn norm.options.momentum=0": "momentum=0 is not valid; valid: a number in (0, 1]",
     "norm=bn norm.options.momentum=2": "momentum=2 is not valid",
+    # fractions of the run: -0.5 became 1 iteration, 2 a BRN that never renormalized
+    "norm=brn norm.options.t0_frac=2": "norm.options.t0_frac=2 is not valid; valid: a number in [0, 1]",
+    "norm=brn norm.options.r_ramp_frac=-0.5": "norm.options.r_ramp_frac=-0.5 is not valid",
+    "norm=brn norm.options.d_ramp_frac=soon": "norm.options.d_ramp_frac='soon' is not valid",
     "data.crop_size=0": "data.crop_size=0 is not valid; valid: a positive integer",
     "data.val_resize=16": "data.val_resize=16 is not valid; valid: an integer >= data.crop_size=",
     "data.crop_scale=[0.5,0.2]": "data.crop_scale=[0.5, 0.2] is not valid",

@@ -65,6 +65,12 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     warmup = cfg.norm.get("options", {}).get("warmup")
     require("norm.options.warmup", warmup, cfg.norm.name != "mabn" or warmup == "auto" or (is_int(warmup) and warmup >= 0),
             "auto, or an integer >= 0 (forwards)")
+    for key, value in (cfg.norm.get("options") or {}).items():
+        # `*_frac` keys are fractions of the run's iterations (norm_kwargs): a negative one became 1
+        # iteration and one above 1 outlasted the run (BRN that never renormalizes), both silently.
+        if str(key).endswith("_frac"):
+            require(f"norm.options.{key}", value, is_number(value) and 0 <= value <= 1,
+                    "a number in [0, 1] (a fraction of the run's iterations)")
     for key, value, valid in (
         ("train.nan_policy", cfg.train.nan_policy, ("stop", "skip")),
         ("data.loader", cfg.data.loader, LOADERS),
