@@ -162,6 +162,13 @@ BAD_VALUES = {  # override -> what the one error line must say
     "norm=brn norm.options.r_ramp_frac=-0.5": "norm.options.r_ramp_frac=-0.5 is not valid",
     "norm=brn norm.options.d_ramp_frac=soon": "norm.options.d_ramp_frac='soon' is not valid",
     "data.crop_size=0": "data.crop_size=0 is not valid; valid: a positive integer",
+    # names of the run's folders: nested a level deeper, or outside output_root (task_name=../x)
+    "data.name=x/y": "data.name='x/y' is not valid; valid: one folder name",
+    "model.name=": "model.name='' is not valid; valid: one folder name",
+    "task_name=../x": "task_name='../x' is not valid",
+    "task_name=..": "task_name='..' is not valid",
+    "run_name=../x": "run_name='../x' is not valid",
+    "run_name=a:b": "run_name='a:b' is not valid",
     "data.val_resize=16": "data.val_resize=16 is not valid; valid: an integer >= data.crop_size=",
     "data.crop_scale=[0.5,0.2]": "data.crop_scale=[0.5, 0.2] is not valid",
     "data.workers=-1": "data.workers=-1 is not valid",

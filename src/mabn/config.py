@@ -12,6 +12,7 @@ from .norms._groups import is_int, is_number
 from .optim import POLICIES, warmup_steps
 
 TAG = re.compile(r"-[A-Za-z0-9._=+-]*")  # a suffix of the run dir's name: no path separators or spaces
+NAME = re.compile(r"[A-Za-z0-9._=+-]+")  # one folder name: no path separators or spaces
 FLAGS = ("train.amp", "train.channels_last", "train.deterministic", "train.compile", "train.progress", "stats.enabled",
          "stats.all_layers", "optim.nesterov", "optim.decay_norm_and_bias", "data.flip", "model.zero_init_last_gamma")  # true or false
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
@@ -167,6 +168,13 @@ def check_train(cfg: DictConfig) -> None:
     # Its text is what counts: Hydra reads tag=-2 as the number -2, which names the run "...-n32-2-s0" as meant.
     require("tag", tag, tag == "" or (tag is not None and TAG.fullmatch(str(tag)) is not None),
              '"" or a run-name suffix starting with "-", of letters, digits and . _ - = + (e.g. tag=-e1)')
+    # Runs land in <output_root>/<task_name>/<run_name>, run_name built from data.name and model.name: a "/"
+    # in any of them nested the run a level deeper, where the result tables did not look, and task_name=../x
+    # or run_name=../x put it outside output_root; an empty name left "shapes10--bn-..." and blank table cells.
+    for key in ("data.name", "model.name", "task_name", "run_name"):
+        name = OmegaConf.select(cfg, key)
+        require(key, name, name is not None and NAME.fullmatch(str(name)) is not None and str(name) not in (".", ".."),
+                "one folder name of letters, digits and . _ - = + (no / or spaces)")
 
 
 def sgd_batch(cfg: DictConfig, world_size: int) -> int:
