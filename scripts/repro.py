@@ -285,8 +285,14 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
                 print(f"[lane {index}] {i}/{len(queued)} stopped {run_dir.name} (exit {code}, {minutes:.1f} min)", flush=True)
                 return
             if code == 0 and is_finished(run_dir):
-                if plan.archive:
-                    archive_run(plan, run_dir)
+                try:
+                    if plan.archive:
+                        archive_run(plan, run_dir)
+                except OSError as err:  # a full disk: the run stays done in its run dir; say so, count it failed
+                    with lock:
+                        failed.append(run_dir.name)
+                    print(f"[lane {index}] {i}/{len(queued)} FAILED to archive {run_dir.name}: {err}", flush=True)
+                    continue
                 for more_rank, more in follow_up(rank, run) if follow_up else []:
                     if put(more_rank, more):
                         print(f"[lane {index}] queued {plan.run_dir(more).name}: its first two seeds differ by "
@@ -337,6 +343,18 @@ def parse_list(text: str, kind, valid=None, name="", hint: str | None = None) ->
     return values
 
 
+def check_folder(flag: str, folder) -> None:
+    """`folder` must be a folder, or creatable as one: a file there failed only when the first run finished
+    (--archive: the lane's thread died and the plan ended early with exit 0) or as a traceback (--output-root)."""
+    if folder is None:
+        return
+    folder = pathlib.Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        why = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise SystemExit(f"error: {flag}={str(folder)!r} is not valid ({existing} {why}); valid: a folder, new or existing")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="imagenette_cpu", help="configs/experiment/ option (default imagenette_cpu)")
@@ -368,6 +386,8 @@ def main() -> int:
     if not (ROOT / "configs" / "experiment" / f"{args.experiment}.yaml").is_file():
         valid = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
         raise SystemExit(f"error: --experiment={args.experiment!r} is not valid; valid: {', '.join(valid)}")
+    for flag, folder in (("--output-root", args.output_root), ("--archive", args.archive)):
+        check_folder(flag, folder)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.lanes)
     plan = Plan(args.experiment, args.output_root, args.overrides, args.archive)
 

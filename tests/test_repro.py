@@ -85,6 +85,9 @@ def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path, monkeypat
                           (["--only", "ablations", "--norms", "bn"], "--norms=bn --batches=None select no run"),
                           (["--seeds", "-1"], "--seeds='-1' is not valid; valid: distinct integers >= 0"),
                           (["--spread", "-1"], "--spread=-1.0 is not valid"),  # every setting got a third seed
+                          # a file: the archive failed as the first run finished, the output root as a traceback
+                          (["--archive", str(ROOT / "README.md")], f"--archive='{ROOT / 'README.md'}' is not valid"),
+                          (["--output-root", str(ROOT / "README.md" / "x")], "--output-root="),
                           # an override every run would refuse at its start, or one that does not compose (traceback)
                           (["--only", "real_b2", "train.amp=maybe"], "norm=mabn data.batch_per_gpu=2 train.grad_accum=16 "
                            "seed=0 train.amp=maybe: train.amp='maybe' is not valid; valid: true or false"),
@@ -183,6 +186,27 @@ def test_a_third_seed_is_queued_once_two_seeds_differ_and_runs_before_the_next_p
     assert order == [f"imagenette64-resnet18_cpu-{n}-b32-n32-s{s}" for s, n in [(0, "mabn"), (0, "bn"), (1, "mabn"), (1, "bn")]] \
         + ["imagenette64-resnet18_cpu-bn-b32-n32-s2", "imagenette64-resnet18_cpu-bn-b2-n2-s0"]  # BN's third seed, not MABN's
     assert follow_up((0, 0, 1), ["norm=bn", "norm.norm_batch=32", "seed=1"]) == []  # finished: not queued again
+
+
+def test_a_run_that_cannot_be_archived_is_a_failure_and_the_lane_goes_on(tmp_path, monkeypatch, capsys):
+    # Its lane's thread died on the copy before: the plan's other runs were left out and the exit said success.
+    (tmp_path / "archive").write_text("a file where the archive should be\n")
+    plan = repro.Plan("imagenette_cpu", str(tmp_path / "out"), [], tmp_path / "archive")
+    trained = []
+
+    class FakeTrain:
+        def __init__(self, cmd, **kwargs):
+            run = [a for a in cmd if "=" in a and not a.startswith(("experiment=", "output_root=", "train.progress="))]
+            trained.append(plan.run_dir(run).name)
+            _finished(plan.run_dir(run), 30.0)
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(repro.subprocess, "Popen", FakeTrain)
+    runs = [((0, 0, i), [f"norm={n}", "norm.norm_batch=32", "seed=0"]) for i, n in enumerate(["bn", "mabn"])]
+    assert repro.run_lanes(plan, runs, 1, 1, tmp_path / "logs") == (2, None)
+    assert len(trained) == 2 and capsys.readouterr().out.count("FAILED to archive") == 2
 
 
 def test_the_estimate_counts_epochs_trained_so_a_resumed_runs_rest_is_not_taken_for_a_whole_run(tmp_path):
