@@ -44,8 +44,12 @@ def main() -> int:
             print(f"error: --{name.replace('_', '-')}={getattr(args, name)} is not valid; valid: an integer >= 1", file=sys.stderr)
             return 2
     dst = pathlib.Path(os.path.expanduser(args.dst))
-    if dst.exists() and any(dst.iterdir()):
-        print(f"error: --dst={args.dst!r} exists and is not empty; give a new folder", file=sys.stderr)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        print(f"error: --dst={args.dst!r} exists and is not an empty folder; give a new folder", file=sys.stderr)
+        return 2
+    above = next(p for p in dst.parents if p.exists())  # a file there: NotADirectoryError's traceback at mkdir
+    if not above.is_dir():
+        print(f"error: --dst={args.dst!r} is not valid: {above} is a file; give a new folder", file=sys.stderr)
         return 2
     pool = pool_images(args.pool, dst)
     (dst / ".pool").mkdir(parents=True, exist_ok=True)
