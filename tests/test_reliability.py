@@ -358,6 +358,15 @@ def test_resuming_with_another_norm_names_both(tiny_shapes, tmp_path):
     out = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "norm=mabn"), capture_output=True, text=True, timeout=300)
     assert out.returncode == 2
     assert "was trained with norm.name=bn, this run asks for norm.name=mabn" in out.stderr
+    # Allowed to differ, the norm still changes the model's tensors: one line, not load_state_dict's traceback.
+    records = _records(tmp_path / "train" / "fixed")
+    out = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "norm=mabn",
+                                       "train.resume_changes=[norm]"),
+                         capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert len(errors) == 1 and "does not fit the model this run builds (" in errors[0] and "tensors" in errors[0]
+    assert _records(tmp_path / "train" / "fixed") == records
 
 
 def _records(run_dir):

@@ -11,10 +11,12 @@ is a deliberate start from that checkpoint: only the settings a run dir is named
 """
 import pathlib
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
-from .config import ConfigError
+from .config import ConfigError, model_kwargs
+from .models import build_model
 
 # Named first when several keys differ: the settings a run dir's name is made of.
 HEADLINE = ("model.arch", "model.width", "model.stem", "norm.name", "norm.norm_batch", "data.batch_per_gpu")
@@ -97,6 +99,29 @@ def check_same_run(state: dict, current: DictConfig, path, world_size: int) -> N
     )
 
 
+def check_fits(state: dict, current: DictConfig, path) -> None:
+    """The checkpoint's model tensors must be the ones this config builds (same names and shapes):
+    `train.resume_changes` may let a setting differ that changes them (norm.name, model.width,
+    norm.options.window...), and loading then failed with load_state_dict's traceback, the run dir made."""
+    classes = state.get("classes")
+    if not classes or not isinstance(state.get("model"), dict):
+        return
+    with torch.device("meta"):  # shapes only: no memory, no init
+        model = build_model(**model_kwargs(current, num_classes=len(classes), steps_per_epoch=1000))
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in state["model"].items()}
+    missing, unexpected = [k for k in now if k not in saved], [k for k in saved if k not in now]
+    reshaped = [k for k in now if k in saved and now[k] != saved[k]]
+    if missing or unexpected or reshaped:
+        why = (f"{len(missing)} tensors missing from it, e.g. {missing[0]!r}" if missing else
+               f"{len(unexpected)} tensors this model lacks, e.g. {unexpected[0]!r}" if unexpected else
+               f"{reshaped[0]!r} is {list(saved[reshaped[0]])} in it, {list(now[reshaped[0]])} here")
+        raise ResumeMismatch(
+            f"checkpoint {path} does not fit the model this run builds ({why}); train.resume_changes cannot change "
+            f"the model's tensors: use another run_name or tag, or train.resume=never to start over"
+        )
+
+
 def find_checkpoint(cfg: DictConfig, run_dir, mmap: bool = False) -> tuple[dict, pathlib.Path] | tuple[None, None]:
     """(state, path) that `train.resume` names: 'auto' (the run dir's newest good checkpoint), a path, or
     'never' (None, None); an explicit path that does not load is a ConfigError. `mmap`: see `ckpt.load`."""
@@ -118,3 +143,4 @@ def check_resume(cfg: DictConfig, run_dir, world_size: int) -> None:
     state, path = find_checkpoint(cfg, run_dir, mmap=True)
     if state is not None:
         check_same_run(state, cfg, path, world_size)
+        check_fits(state, cfg, path)
