@@ -239,3 +239,25 @@ def test_every_bad_value_is_one_config_error_before_anything_is_built(overrides)
         validate(cfg)
         check_layers(cfg)
     assert BAD_VALUES[overrides] in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_checkpoint_must_fit_the_model_and_the_classes_of_the_run_that_continues_it(tmp_path):
+    """Checked before the run dir is touched: a model whose tensors differ (a change train.resume_changes let
+    through) failed in load_state_dict; a data.root with other classes trained on with labels meaning others."""
+    from mabn.resume import ResumeMismatch, check_fits
+
+    for name in ("cat", "dog", "eel"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+    overrides = ["norm=mabn", "model.width=8", f"data.root={tmp_path}", "data.generate=null"]
+    cfg = _compose(overrides)
+    state = {"classes": ["cat", "dog", "eel"], "model": build_model(**model_kwargs(cfg, 3, 100)).state_dict()}
+    check_fits(state, cfg, "ck.pt")  # the same: no error
+    for more, message in ((["model.width=16"], "'conv1.weight' is [8, 3, 3, 3] in it, [16, 3, 3, 3] here"),
+                          (["norm=bn"], "tensors missing from it, e.g. 'bn1.running_mean'"),
+                          (["norm.options.window=4"], "'bn1.chi_ring' is [16, 8] in it, [4, 8] here")):
+        with pytest.raises(ResumeMismatch, match="does not fit the model this run builds") as err:
+            check_fits(state, _compose(overrides + more), "ck.pt")
+        assert message in str(err.value) and "\n" not in str(err.value)
+    (tmp_path / "train" / "eel").rename(tmp_path / "train" / "emu")
+    with pytest.raises(ResumeMismatch, match="trained on 3 classes, data.root=.* has 3 \\(e.g. 'emu' is in one only\\)"):
+        check_fits(state, cfg, "ck.pt")

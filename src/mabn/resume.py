@@ -9,6 +9,7 @@ keys one means to change, e.g. `[schedule.epochs]` to train a finished run on. K
 lacks (a setting added since the checkpoint was written) are not compared. An explicit `train.resume=PATH`
 is a deliberate start from that checkpoint: only the settings a run dir is named by must match.
 """
+import os
 import pathlib
 
 import torch
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import checkpoint as ckpt
 from .config import ConfigError, model_kwargs
+from .data.folder import class_names
 from .models import build_model
 
 # Named first when several keys differ: the settings a run dir's name is made of.
@@ -106,6 +108,18 @@ def check_fits(state: dict, current: DictConfig, path) -> None:
     classes = state.get("classes")
     if not classes or not isinstance(state.get("model"), dict):
         return
+    # data.root may move (OPERATIONAL), but a label is an index into the class list: other classes, even as
+    # many, would continue training with every label meaning another class.
+    split = pathlib.Path(os.path.expanduser(str(current.data.root))) / "train"
+    here = class_names(split) if split.is_dir() else None
+    if here is not None and here != list(classes):
+        other = next((c for c in here if c not in classes), None) or next((c for c in classes if c not in here), None)
+        detail = f"e.g. {other!r} is in one only" if other else "in another order"
+        raise ResumeMismatch(
+            f"checkpoint {path} was trained on {len(classes)} classes, data.root={str(current.data.root)!r} has "
+            f"{len(here)} ({detail}); labels would change meaning: point data.root at the run's dataset, "
+            f"or train.resume=never to start over"
+        )
     with torch.device("meta"):  # shapes only: no memory, no init
         model = build_model(**model_kwargs(current, num_classes=len(classes), steps_per_epoch=1000))
     now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
