@@ -87,6 +87,18 @@ def test_folders_named_otherwise_are_refused(mabn_run, tiny_shapes, tmp_path):
         evaluate_checkpoint(mabn_run, EvalSettings(root=str(root), **QUIET))
 
 
+def test_a_folder_with_no_image_to_score_is_refused(mabn_run, tmp_path):
+    # Both were reported as 100 % top-1 and top-5 error on 0 images.
+    trained = load_trained(checkpoint_of(mabn_run))
+    (tmp_path / "empty" / "val" / trained.classes[0]).mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"empty/val holds no images in its 1 class folders"):
+        evaluate_checkpoint(mabn_run, EvalSettings(root=str(tmp_path / "empty"), **QUIET))
+    (tmp_path / "junk" / "val" / trained.classes[0]).mkdir(parents=True)
+    (tmp_path / "junk" / "val" / trained.classes[0] / "a.JPEG").write_bytes(b"not a JPEG")
+    with pytest.raises(DatasetError, match="none of the 1 images could be read; nothing to score"):
+        evaluate_checkpoint(mabn_run, EvalSettings(root=str(tmp_path / "junk"), **QUIET))
+
+
 def test_another_crop_keeps_the_runs_resize_ratio_and_another_split_is_read(mabn_run):
     record = evaluate_checkpoint(mabn_run, EvalSettings(crop_size=48, split="train", **QUIET))
     assert (record["crop_size"], record["val_resize"]) == (48, 54)  # the run: 32 and 36

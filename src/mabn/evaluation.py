@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .checkpoint import read_records
 from .data import DatasetError, build_loaders, resolve_root
@@ -172,6 +173,9 @@ def folder_loader(trained: Trained, split_dir: pathlib.Path, crop: int, resize: 
     dataset = SeededImageFolder(load_index(split_dir, folder),
                                 torchvision_transform(Augmentation.from_config(data), train=False),
                                 substitute_unreadable=False)
+    if len(dataset) == 0:  # scored as 100 % error on 0 images before
+        raise DatasetError(f"{split_dir} holds no images in its {len(folder)} class folders; expected "
+                           f"{split_dir}/<class>/*.JPEG ({', '.join(IMG_EXTENSIONS)})")
     loader = DataLoader(dataset, settings.batch, sampler=EvalSampler(dataset, 0, 1), num_workers=settings.workers,
                         collate_fn=collate_skipping_unreadable, pin_memory=device == "cuda")
     return loader, labels_of, len(folder)
@@ -204,6 +208,8 @@ def score_networks(networks: dict, loader, labels_of: torch.Tensor, device: str,
             agree += (logits["folded"].argmax(1) == logits["trained"].argmax(1)).sum().double()
     results = {name: error_rates(c) for name, c in counts.items()}
     images = results["trained"]["val_images"]
+    if images == 0:
+        raise DatasetError(f"none of the {unreadable} images could be read; nothing to score")
     record = dict(images=images, unreadable=unreadable, seconds=round(time.perf_counter() - started, 2),
                   **{name: {k.removeprefix("val_"): v for k, v in r.items() if k != "val_images"}
                      for name, r in results.items()})
