@@ -46,7 +46,7 @@ help:
 	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
 	@echo "make table | make plot     results.md/.csv, figure.md, runs.md and the error-vs-batch plot of every run under outputs/"
 	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,proposal,third]   the paper's comparison on Imagenette"
-	@echo "make test [TEST_WORKERS=2] | make test-slow | make bench | make tensorboard"
+	@echo "make test [TEST_WORKERS=2] | make test-slow | make bench | make tensorboard [OUTPUTS=outputs] [ARGS='--port 6007 --bind_all']"
 	@echo "make gpu-check [GPU_CHECK_OUT=dir] [ARGS=--dry-run]   the CUDA path's correctness and speed in one report (make gpu-wheels first)"
 	@echo "make test-gpu-torch [GPU_TORCH=2.11.0]   the tests and that dry run here on the GPU machines' torch (a side venv)"
 
@@ -138,7 +138,7 @@ bench: $(INSTALLED)
 	$(PY) -m scripts.bench.run_all --out $(OUTPUTS)/bench $(BENCH_ARGS)
 
 tensorboard: $(INSTALLED)
-	$(VENV)/bin/tensorboard --logdir outputs
+	$(VENV)/bin/tensorboard --logdir $(OUTPUTS) $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

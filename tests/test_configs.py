@@ -124,6 +124,13 @@ def test_makefile_variables_reach_the_config():
     assert cfg.norm.name == "brn" and cfg.norm.norm_batch == 2 and cfg.train.resume == "never"
 
 
+def test_make_tensorboard_reads_the_output_root_that_training_wrote():
+    # it read ./outputs whatever OUTPUTS said, unlike table, plot, eval and repro
+    out = subprocess.run(["make", "-n", "tensorboard", "OUTPUTS=/data/runs", "ARGS=--port 6007"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1].endswith("tensorboard --logdir /data/runs --port 6007")
+
+
 def test_unknown_group_option_lists_the_valid_ones():
     out = subprocess.run(
         ["make", "-s", "train", "NORM=batchnorm", "ARGS=--cfg job"], cwd=ROOT, capture_output=True, text=True, timeout=120
