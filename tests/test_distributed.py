@@ -155,8 +155,9 @@ def _single_job(root, out, norm):
     return _job(root, out / "single", 0, 1, norm)
 
 
-def _syncbn_worker(rank, world, out, compiled):
+def _syncbn_worker(rank, world, out, mode):
     from mabn.compile import compile_model
+    from mabn.distributed import wrap_ddp
     from mabn.norms import build_norm
 
     from .test_compile import BACKEND
@@ -171,7 +172,11 @@ def _syncbn_worker(rank, world, out, compiled):
     part = x[2 * rank : 2 * rank + 2].clone().requires_grad_(True)
     # compiled: AOTAutograd with inductor's decompositions (tests/test_compile.py); the collective is
     # traced into the graph. torch 2.11 gave wrong gradients there (pytorch/pytorch#180642, norms/syncbn.py)
-    y = (compile_model(layer, backend=BACKEND) if compiled else layer)(part)
+    # ddp: wrapped as training wraps the model; torch's DDP refused any SyncBatchNorm on CPU (mabn.distributed).
+    # It averages the parameters' gradients over the ranks, so their sum below is the same.
+    run = dict(eager=lambda: layer, compiled=lambda: compile_model(layer, backend=BACKEND),
+               ddp=lambda: wrap_ddp(layer, DistInfo(rank, world, 0, "cpu")))[mode]()
+    y = run(part)
     y.backward(dy[2 * rank : 2 * rank + 2])
     grads = torch.stack([layer.weight.grad, layer.bias.grad])
     dist.all_reduce(grads)
@@ -179,9 +184,9 @@ def _syncbn_worker(rank, world, out, compiled):
                out / f"syncbn{rank}.pt")
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_syncbn_on_two_ranks_equals_bn_on_the_whole_batch(tmp_path, compiled):
-    run_ranks(_syncbn_worker, tmp_path, compiled)
+@pytest.mark.parametrize("mode", ["eager", "compiled", "ddp"])
+def test_syncbn_on_two_ranks_equals_bn_on_the_whole_batch(tmp_path, mode):
+    run_ranks(_syncbn_worker, tmp_path, mode)
     torch.manual_seed(0)
     x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 2 + 1).requires_grad_(True)
     dy = torch.randn_like(x)

@@ -14,6 +14,8 @@ import torch.distributed as dist
 # tensor aborts the process (SIGABRT, "terminate called without an active exception") after the run's work is done.
 import torch.distributed.nn.functional  # noqa: F401
 
+from .norms import SyncBatchNorm2d
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -75,6 +77,16 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+class _CpuDDP(torch.nn.parallel.DistributedDataParallel):
+    """DDP on CPU processes (gloo) that takes `norm=syncbn`: torch refuses every nn.SyncBatchNorm on CPU
+    ("SyncBatchNorm layers only work with GPU modules": `PROCS=2 NORM=syncbn` failed at start-up), but
+    SyncBatchNorm2d reduces its CPU statistics itself. torch's own SyncBatchNorm is still refused."""
+
+    def _passing_sync_batchnorm_handle(self, module):
+        if any(isinstance(m, torch.nn.SyncBatchNorm) and not isinstance(m, SyncBatchNorm2d) for m in module.modules()):
+            super()._passing_sync_batchnorm_handle(module)
+
+
 def wrap_ddp(net: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     """DistributedDataParallel with per-process norm statistics, as in the paper: buffers are not synced
     during training (SPEC §1). At start-up every rank holds the same buffers anyway: fresh, or rank 0's
@@ -83,7 +95,7 @@ def wrap_ddp(net: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
     The switch is `forward_sync_buffers=False` from torch 2.13 (`broadcast_buffers`, deprecated there, still
     works); torch before 2.13 has only `broadcast_buffers=False`, which the GPU machines' 2.11 needs."""
     device_ids = [info.local_rank] if info.device.startswith("cuda") else None
-    ddp = torch.nn.parallel.DistributedDataParallel
+    ddp = torch.nn.parallel.DistributedDataParallel if device_ids else _CpuDDP
     if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters:
         return ddp(net, device_ids=device_ids, forward_sync_buffers=False)
     return ddp(net, device_ids=device_ids, broadcast_buffers=False)
