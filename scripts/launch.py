@@ -72,10 +72,20 @@ def main() -> None:
     ]
     print(" ".join(command), file=sys.stderr)
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.run import main as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
     try:
-        torchrun(command[3:])
+        run(parse_args(command[3:]))  # torchrun's `main` without its @record, which prints a report of any failure
+    except ChildFailedError as err:
+        _, first = err.get_first_failure()  # the root cause; torchrun stops the other ranks (SIGTERM) after it
+        if first.exitcode != 2:
+            print(err.format_msg(), file=sys.stderr)  # a crash: the report names the rank and the root cause
+            sys.exit(1)
+        # A rank refused the config (mabn.train's exit status 2 after its one `error:` line): torchrun's
+        # traceback and report buried that line.
+        print("error: the job did not start: a rank refused it (its error line is above)", file=sys.stderr)
+        sys.exit(2)
     except SignalException as err:
         # torchrun passed the stop signal on to the ranks, which checkpoint and exit (mabn.stop); its traceback
         # would bury their last lines.

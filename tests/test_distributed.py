@@ -237,6 +237,13 @@ def test_torchrun_job_writes_one_checkpoint_a_single_process_can_load(tiny_shape
     same = subprocess.run(train_command(tiny_shapes, tmp_path, "norm=mabn", "data.batch_per_gpu=4"),
                           capture_output=True, text=True, timeout=300)
     assert same.returncode == 2 and "was trained by 2 processes, this run has 1" in same.stderr, same.stderr[-2000:]
+    # A job whose ranks refuse its config ends in their error line and one of the launcher's: torchrun's
+    # traceback and failure report buried them (exit status 1).
+    refused = subprocess.run(_launch(free_port(), *overrides, "norm=mabn", "data.batch_per_gpu=4", "schedule.epochs=2"),
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "was trained with schedule.epochs=1, this run asks for schedule.epochs=2" in refused.stderr
+    assert refused.stderr.rstrip().splitlines()[-1] == "error: the job did not start: a rank refused it (its error line is above)"
 
 
 def test_a_stop_signal_to_a_torchrun_job_checkpoints_every_rank_and_ends_in_one_line(tiny_shapes, tmp_path):
