@@ -179,3 +179,26 @@ def test_held_brn_statistics_are_not_self_consistent_and_the_replayed_ones_are()
     assert second_layer_drift(replayed) < second_layer_drift(held) / 20
     bn = recompute_running_stats(_net("bn", norm_batch=2), batches, "cpu", progress=False).net
     assert second_layer_drift(bn) < 1e-12  # BN normalizes by batch statistics: one held pass is self-consistent
+
+
+@pytest.mark.parametrize("average", ["equal", "ema"])
+def test_the_pass_normalizes_in_the_phase_training_ended_in(average):
+    # A MABN layer trained one forward (warming up: current statistics, r = 1) must not cross into its moving
+    # averages (forward 3 on) and r (forward 5 on) during the pass: it did, and a short run's re-estimated
+    # network blew up (r against statistics of a few steps).
+    torch.manual_seed(0)
+    layer = build_norm("mabn", 3, window=2, warmup=3, renorm_start=4, momentum=0.5).double()
+    net = nn.Sequential(layer)
+    with torch.no_grad():
+        net(torch.randn(4, 3, 5, 5, dtype=torch.float64))
+    batches = [(torch.randn(4, 3, 5, 5, dtype=torch.float64) * (1 + k), torch.zeros(4), 0) for k in range(8)]
+    done = recompute_running_stats(net, batches, "cpu", progress=False, average=average)
+    assert int(done.net[0].num_batches_tracked) == 1
+    chi = [images.pow(2).mean(dim=(0, 2, 3)) for images, _, _ in batches]  # each batch's own: warming up
+    if average == "equal":
+        expected = torch.stack(chi).mean(0)
+    else:
+        expected = layer.running_var.clone()
+        for c in chi:
+            expected = 0.5 * expected + 0.5 * c
+    torch.testing.assert_close(done.net[0].running_var, expected, rtol=1e-12, atol=1e-12)

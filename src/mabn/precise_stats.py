@@ -23,7 +23,9 @@ average of the second moment), in one of two ways:
   Imagenette BRN runs it cost 2.8 points; docs/results/imagenette.md). The replay moves all of them
   together, damped by the momentum, to where they agree with each other, as training's own average did.
 
-`auto` (the default) takes `ema` when a BRN or MABN layer is present, else `equal`. The pass also counts how
+Either way BRN's and MABN's forward counts are held, so every forward of the pass normalizes in the phase
+training ended in (BRN's t0 and r/d ramps, MABN's warmup and r). `auto` (the default) takes `ema` when a
+BRN or MABN layer is present, else `equal`. The pass also counts how
 often BRN's r and d are clipped (`mabn.renorm_clips`). GN, LN and IN keep no statistics and are left as they are.
 """
 import copy
@@ -93,6 +95,11 @@ def recompute_running_stats(net: nn.Module, batches, device: str, progress: bool
             replace_on_update(m)
     sums = {m: {name: torch.zeros_like(value, dtype=torch.float64) for name, value in stats.items()}
             for m, stats in held.items()}
+    # BRN's and MABN's forwards change with their forward count (BRN: t0 and the r/d ramps; MABN: warmup, then
+    # r): held, every forward of the pass normalizes in the phase training ended in. Counted on, a short run's
+    # pass crossed into phases it never trained in (a 4-step MABN run's 12,500-batch pass switched r on
+    # against 4-step running statistics: loss 2.3 -> 16,724).
+    counts = {m: m.num_batches_tracked.clone() for m in keeping if coupled(m)}
     seen = 0
     with RenormClipCounter(fresh) as clips:
         for images, _, _ in progress_bar(batches, total=total, desc="re-estimating statistics", unit="batch", disable=not progress):
@@ -100,6 +107,8 @@ def recompute_running_stats(net: nn.Module, batches, device: str, progress: bool
                 continue
             seen += 1
             fresh(images.to(device, non_blocking=True))
+            for m, count in counts.items():
+                m.num_batches_tracked.copy_(count)
             for m, stats in held.items():
                 for name, trained in stats.items():
                     sums[m][name] += getattr(m, name)
