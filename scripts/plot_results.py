@@ -46,9 +46,14 @@ def error_lines(runs) -> dict:
 
 
 def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
-    runs = [r for r in find_runs(*roots) if r.finished and (with_tags or not r.tag)]
+    finished = [r for r in find_runs(*roots) if r.finished]
+    runs = [r for r in finished if with_tags or not r.tag]
+    if not runs and finished:  # all tagged: "no finished runs" sent one looking for a training problem
+        tags = sorted({r.tag for r in finished})
+        sys.exit(f"error: no untagged finished runs under {', '.join(map(str, roots))}; the {len(finished)} finished runs there "
+                 f"are tagged ({', '.join(tags[:3])}{', ...' if len(tags) > 3 else ''}): --with-tags draws them")
     if not runs:
-        sys.exit(f"error: no finished runs under {', '.join(roots)}")
+        sys.exit(f"error: no finished runs under {', '.join(map(str, roots))}")
     panels = error_lines(runs)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
     for ax, (panel, lines) in zip(axes[0], sorted(panels.items())):

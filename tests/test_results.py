@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from mabn.results import find_runs, group_runs, paper_top1_err, to_markdown
+from mabn.results import figure_markdown, find_runs, group_runs, paper_top1_err, to_markdown
 
 from .conftest import ROOT, load_script, train_command
 
@@ -209,3 +209,17 @@ def test_the_plots_usual_n_is_the_most_common_and_a_tie_goes_to_the_larger_n_as_
     labels = lambda runs: {label for _, label in next(iter(plot.error_lines(runs).values()))}
     assert labels(at(2, 3) + at(32, 3)) == {"", " N=2"}  # a tie, the small N listed first: N = 32 is the usual one
     assert labels(at(2, 4) + at(32, 3)) == {"", " N=32"}  # the most common N wins
+
+
+def test_runs_that_are_all_tagged_are_named_as_such_by_the_figure_and_its_table(sweep_dir, tmp_path, monkeypatch):
+    # The plot said "no finished runs" and figure.md was left empty, as if training or writing had failed.
+    import dataclasses
+
+    plot = load_script("plot_results")
+    tagged = [dataclasses.replace(r, tag="-ablation") for r in find_runs(sweep_dir)]
+    monkeypatch.setattr(plot, "find_runs", lambda *roots: tagged)
+    with pytest.raises(SystemExit, match=r"^error: no untagged finished runs under .*; the 8 finished runs there are "
+                       r"tagged \(-ablation\): --with-tags draws them$"):
+        plot.error_vs_batch([sweep_dir], tmp_path / "evb.png", paper=False)
+    assert figure_markdown(group_runs(tagged)).startswith("No untagged finished runs: the figure leaves out tagged runs")
+    assert "| bn |" in figure_markdown(group_runs(find_runs(sweep_dir)))

@@ -214,8 +214,9 @@ def figure_markdown(rows: list[Row]) -> str:
     seeds reads off directly. The paper's figure lies beneath (SPEC §5), for the shape only.
     """
     plain = [r for r in rows if not r.key[6] and r.finished]
-    if not plain:
-        return ""
+    if not plain:  # an empty figure.md read as a failure to write it
+        return ("No untagged finished runs: the figure leaves out tagged runs (ablations) and unfinished ones; "
+                "results.md lists every run.\n")
     counts = collections.Counter()
     for row in plain:
         counts[row.key[:3] + row.key[5:6]] += len(row.finished)
