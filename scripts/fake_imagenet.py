@@ -15,6 +15,7 @@ import pathlib
 import sys
 
 from mabn.data.folder import IMG_EXTENSIONS
+from mabn.preflight import writable_dir_problem
 from mabn.progress import progress_bar
 
 
@@ -47,9 +48,9 @@ def main() -> int:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         print(f"error: --dst={args.dst!r} exists and is not an empty folder; give a new folder", file=sys.stderr)
         return 2
-    above = next(p for p in dst.parents if p.exists())  # a file there: NotADirectoryError's traceback at mkdir
-    if not above.is_dir():
-        print(f"error: --dst={args.dst!r} is not valid: {above} is a file; give a new folder", file=sys.stderr)
+    problem = writable_dir_problem(dst.absolute())  # a file above it: NotADirectoryError's traceback at mkdir
+    if problem:
+        print(f"error: --dst={args.dst!r} is not valid: {problem}; give a new folder", file=sys.stderr)
         return 2
     pool = pool_images(args.pool, dst)
     (dst / ".pool").mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from hydra.errors import HydraException
 from mabn import run_lock
 from mabn.checkpoint import read_records
 from mabn.config import ConfigError, validate
-from mabn.preflight import check_layers
+from mabn.preflight import check_layers, writable_dir_problem
 from mabn.stop import StopSignal
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -346,13 +346,9 @@ def parse_list(text: str, kind, valid=None, name="", hint: str | None = None) ->
 def check_folder(flag: str, folder) -> None:
     """`folder` must be a folder, or creatable as one: a file there failed only when the first run finished
     (--archive: the lane's thread died and the plan ended early with exit 0) or as a traceback (--output-root)."""
-    if folder is None:
-        return
-    folder = pathlib.Path(folder)
-    existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK):
-        why = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise SystemExit(f"error: {flag}={str(folder)!r} is not valid ({existing} {why}); valid: a folder, new or existing")
+    problem = writable_dir_problem(pathlib.Path(folder).absolute()) if folder is not None else None
+    if problem:
+        raise SystemExit(f"error: {flag}={str(folder)!r} is not valid ({problem}); valid: a folder, new or existing")
 
 
 def main() -> int:

@@ -25,8 +25,8 @@ average of the second moment), in one of two ways:
 
 Either way BRN's and MABN's forward counts are held, so every forward of the pass normalizes in the phase
 training ended in (BRN's t0 and r/d ramps, MABN's warmup and r). `auto` (the default) takes `ema` when a
-BRN or MABN layer is present, else `equal`. The pass also counts how
-often BRN's r and d are clipped (`mabn.renorm_clips`). GN, LN and IN keep no statistics and are left as they are.
+BRN or MABN layer is present, else `equal`. The pass also counts how often BRN's r and d are clipped
+(`mabn.renorm_clips`). GN, LN and IN keep no statistics and are left as they are.
 """
 import copy
 from dataclasses import dataclass

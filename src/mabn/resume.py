@@ -102,9 +102,10 @@ def check_same_run(state: dict, current: DictConfig, path, world_size: int) -> N
 
 
 def check_fits(state: dict, current: DictConfig, path) -> None:
-    """The checkpoint's model tensors must be the ones this config builds (same names and shapes):
-    `train.resume_changes` may let a setting differ that changes them (norm.name, model.width,
-    norm.options.window...), and loading then failed with load_state_dict's traceback, the run dir made."""
+    """The checkpoint must fit this run: data.root's classes are its classes, and its model tensors are the
+    ones this config builds (same names and shapes): `train.resume_changes` may let a setting differ that
+    changes them (norm.name, model.width, norm.options.window...), and loading then failed with
+    load_state_dict's traceback, the run dir made."""
     classes = state.get("classes")
     if not classes or not isinstance(state.get("model"), dict):
         return
