@@ -7,6 +7,7 @@
 import argparse
 import sys
 
+from mabn.data.folder import DatasetError
 from mabn.data.prepare import make_subset, run_cli
 
 
@@ -25,9 +26,13 @@ def main() -> int:
 
     def subset() -> str:
         listed = None
-        if args.class_list:  # in here, a missing file is run_cli's one error line
-            with open(args.class_list) as f:
-                listed = [line.split()[0] for line in f if line.strip()]
+        if args.class_list:
+            try:
+                with open(args.class_list) as f:
+                    listed = [line.split()[0] for line in f if line.strip()]
+            except (OSError, UnicodeDecodeError) as err:
+                raise DatasetError(f"--class-list {args.class_list} cannot be read ({type(err).__name__}: {err}); "
+                                   "valid: a text file with one wnid per line") from None
         chosen = make_subset(args.src, args.dst, args.classes, listed, args.train_per_class, args.val_per_class, args.seed)
         return f"subset of {len(chosen)} classes at {args.dst}"
 

@@ -325,6 +325,14 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
     assert make_subset(tiny_shapes, tmp_path / "sub", 4) == ["n90000001", "n90000002", "n90000003", "n90000004"]  # grown
     (tmp_path / "mine" / "train").mkdir(parents=True)
     (tmp_path / "empty.txt").write_text("\n")
+    full_jpeg = next((tiny_shapes / "train" / "n90000001").iterdir())
+    # train/ without val/, or a class missing from val/: train/'s links were written, then an OSError
+    shutil.copytree(tiny_shapes / "train", tmp_path / "half" / "train")
+    for message in ("has no val/ folder; valid: an ImageNet-layout tree", r"are in .*train but not in .*val"):
+        with pytest.raises(DatasetError, match=message):
+            make_subset(tmp_path / "half", tmp_path / "bad", 2)
+        assert not (tmp_path / "bad").exists()
+        shutil.copytree(tiny_shapes / "val" / "n90000002", tmp_path / "half" / "val" / "n90000002", dirs_exist_ok=True)
     # into the source itself (it said it made the subset), into another folder (links mixed into it), from another src
     for dst, src, message in ((tiny_shapes, tiny_shapes, "is no subset made by make_subset"),
                               (tmp_path / "mine", tiny_shapes, "is no subset made by make_subset"),
@@ -333,7 +341,8 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
             make_subset(src, dst, 1)
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["train"]
     for flags, message in ((["--class-list", tmp_path / "empty.txt"], "the class list names no classes"),
-                           (["--class-list", tmp_path / "none.txt"], "No such file or directory")):  # a traceback
+                           (["--class-list", tmp_path / "none.txt"], "No such file or directory"),
+                           (["--class-list", full_jpeg], "cannot be read (UnicodeDecodeError")):  # a traceback
         done = _run_script(ROOT / "scripts" / "make_subset.py", "--src", tiny_shapes, "--dst", tmp_path / "new", *flags)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     assert not (tmp_path / "new").exists()

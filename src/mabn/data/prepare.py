@@ -132,6 +132,10 @@ def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int
     for name, value in (("train_per_class", train_per_class), ("val_per_class", val_per_class)):
         if value is not None and (not isinstance(value, int) or value < 1):  # -1 took all but the last image, 0 none
             raise DatasetError(f"{name}={value} is not valid; valid: an integer >= 1, or none given (every image)")
+    for split in ("train", "val"):  # checked before writing: a val/ missing was found after train/'s links
+        if not (src / split).is_dir():
+            raise DatasetError(f"{src} has no {split}/ folder; valid: an ImageNet-layout tree ({src}/train/<class>/, "
+                               f"{src}/val/<class>/)")
     available = class_names(src / "train")
     if classes is None:
         if num_classes is None or not 0 < num_classes <= len(available):
@@ -140,6 +144,9 @@ def make_subset(src: str | os.PathLike, dst: str | os.PathLike, num_classes: int
     unknown = sorted(set(classes) - set(available))
     if unknown:
         raise DatasetError(f"classes {unknown[:5]} are not in {src / 'train'}")
+    no_val = sorted(set(classes) - set(class_names(src / "val")))
+    if no_val:
+        raise DatasetError(f"classes {no_val[:5]} are in {src / 'train'} but not in {src / 'val'}; a subset needs both")
     rng = random.Random(seed)
     dst.mkdir(parents=True, exist_ok=True)
     marker.write_text(f"{src.resolve()}\n")
