@@ -9,6 +9,7 @@ Either labels file works:
 By default files are moved in place; --out DIR writes a new tree (copies, or symlinks with --link).
 """
 import argparse
+import pathlib
 import sys
 
 from mabn.data.prepare import (
@@ -17,6 +18,7 @@ from mabn.data.prepare import (
     val_labels_from_devkit,
     val_labels_from_loc_csv,
 )
+from mabn.preflight import writable_dir_problem
 
 
 def main() -> int:
@@ -32,6 +34,16 @@ def main() -> int:
         parser.error("give --loc-csv, or --ground-truth with --meta (one labels file, not both)")
     if args.link and not args.out:  # in place, it left the images where they were and linked them into class folders
         parser.error("--link needs --out (in place, the images are moved)")
+    # both checked before the labels are read: either was an OSError's bare text, --out's after the bar had started
+    if not pathlib.Path(args.val_dir).is_dir():
+        print(f"error: --val-dir={args.val_dir!r} is not a folder; valid: ImageNet's flat validation folder "
+              "(ILSVRC2012_val_*.JPEG)", file=sys.stderr)
+        return 2
+    problem = args.out and writable_dir_problem(pathlib.Path(args.out).absolute())
+    if problem:
+        print(f"error: --out={args.out!r} is not valid: {problem}; give a folder to write the sorted tree in",
+              file=sys.stderr)
+        return 2
 
     def sort_val() -> str:
         if args.loc_csv:

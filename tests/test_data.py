@@ -3,6 +3,7 @@ import collections
 import logging
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -294,6 +295,14 @@ def test_prepare_imagenet_names_a_labels_file_it_cannot_read(tmp_path):
     for flags in (("--loc-csv", "wrong.csv", "--link"), ("--loc-csv", "wrong.csv", "--ground-truth", "gt.txt")):
         done = _run_script(ROOT / "scripts" / "prepare_imagenet.py", "--val-dir", flat, *flags)
         assert done.returncode == 2 and ("--link needs --out" in done.stderr or "not both" in done.stderr), done.stderr
+    # --val-dir not a folder, --out below a file: OSError's bare text, --out's after the progress bar had started
+    (tmp_path / "good.csv").write_text("ImageId,PredictionString\n" + "".join(
+        f"{p.stem},n01440764 1 2 3 4\n" for p in flat.glob("*.JPEG")))
+    for flags, message in ((("--val-dir", tmp_path / "good.csv"), "error: --val-dir=.* is not a folder; valid: "),
+                           (("--val-dir", flat, "--out", tmp_path / "good.csv" / "sorted"),
+                            r"error: --out=.* is not valid: .*good.csv is not a directory; give a folder")):
+        done = _run_script(ROOT / "scripts" / "prepare_imagenet.py", "--loc-csv", tmp_path / "good.csv", *flags)
+        assert done.returncode == 2 and re.fullmatch(message + ".*\n", done.stderr), done.stderr
     assert len(list(flat.glob("*.JPEG"))) == 6
 
 
