@@ -12,6 +12,7 @@ import sys
 from mabn.checkpoint import atomic_write_text
 from mabn.data import DatasetError
 from mabn.data.prepare import find_unreadable
+from mabn.preflight import writable_dir_problem
 
 
 def main() -> int:
@@ -25,6 +26,9 @@ def main() -> int:
             raise DatasetError(f"{args.root} is not a folder")
         if args.out and os.path.isdir(args.out):  # found out after hours of decoding, it lost the list
             raise DatasetError(f"--out {args.out} is a directory; valid: a file path such as {args.out}/bad_images.txt")
+        problem = args.out and writable_dir_problem(pathlib.Path(args.out).absolute().parent)
+        if problem:  # a file above it was mkdir's traceback, after the decoding
+            raise DatasetError(f"--out {args.out} cannot be written: {problem}; valid: a file path in a writable folder")
         bad = find_unreadable(args.root, args.workers)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)

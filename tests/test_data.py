@@ -369,9 +369,18 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
     (tmp_path / "empty").mkdir()
     for args, message in (((tmp_path / "sub", "--workers", 0), "--workers 0 is not valid; valid: a positive integer"),
                           ((tmp_path / "sub", "--out", tmp_path), f"--out {tmp_path} is a directory"),  # was a traceback
-                          ((tmp_path / "empty",), f"{tmp_path / 'empty'} holds no image files")):  # was 0 unreadable
+                          ((tmp_path / "empty",), f"{tmp_path / 'empty'} holds no image files"),  # was 0 unreadable
+                          ((tmp_path / "sub", "--out", listed / "x"),  # mkdir's traceback, after the decoding
+                           f"--out {listed / 'x'} cannot be written: {listed} is not a directory")):
         done = _run_script(ROOT / "scripts" / "verify_dataset.py", *args)
         assert done.returncode == 2 and done.stderr.startswith(f"error: {message}"), done.stderr
+    # resize_dataset's --dst at or below a file: OSError's bare text
+    for dst in (listed, listed / "small"):
+        done = _run_script(ROOT / "scripts" / "resize_dataset.py", "--src", tmp_path / "sub", "--dst", dst,
+                           "--short-side", 8, "--workers", 1)
+        assert done.returncode == 2 and done.stderr == (f"error: --dst {dst} cannot be written: {listed} is not a "
+                                                        "directory; valid: a new or empty folder\n"), done.stderr
+    assert listed.read_text() == f"{bad_file}\n"
 
 
 def test_resize_tree_makes_a_small_copy_once(tiny_shapes, tmp_path):
