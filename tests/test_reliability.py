@@ -295,6 +295,10 @@ def _bad_inputs(tmp_path, shapes):
         (tmp_path / "a_file").write_text("")
         return shapes
 
+    def below_a_file(root):
+        (tmp_path / "a_file").write_text("")
+        return tmp_path / "a_file" / "shapes"
+
     return {
         "batch_zero": (["data.batch_per_gpu=0"], None, "data.batch_per_gpu=0 must be a positive integer"),
         "norm_batch_not_dividing": (["norm.norm_batch=3"], None, "norm.norm_batch=3 does not divide data.batch_per_gpu=8; valid: [1, 2, 4, 8]"),
@@ -313,6 +317,8 @@ def _bad_inputs(tmp_path, shapes):
                                 "garbage.pt' cannot be loaded: ValueError: not a checkpoint: torch.save writes a zip archive, and "
                                 "this file is not one (or is cut short)"),
         "unwritable_output_dir": ([f"output_root={tmp_path / 'a_file' / 'out'}"], a_file, "a_file is not a directory"),
+        "generated_root_below_a_file": (["data.generate=shapes"], below_a_file,  # mkdir's traceback, in the run dir
+                                        "shapes' cannot be generated (" f"{tmp_path / 'a_file'} is not a directory)"),
         "nan_loss": (["schedule.base_lr=1e12"], None, "loss is nan at step"),
         "nan_loss_skip_limit": (["schedule.base_lr=1e12", "train.nan_policy=skip", "train.max_nonfinite_skips=2"], None,
                                 "train.max_nonfinite_skips=2"),

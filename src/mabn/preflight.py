@@ -57,6 +57,11 @@ def preflight(cfg: DictConfig, output_dir: str) -> None:
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
     check_layers(cfg)
     check_root(cfg.data)
+    root = pathlib.Path(os.path.expanduser(str(cfg.data.root))).absolute()
+    problem = cfg.data.get("generate") and not root.exists() and writable_dir_problem(root)
+    if problem:  # a file above it was mkdir's traceback, after the run dir had been made
+        raise ConfigError(f"data.root={str(cfg.data.root)!r} cannot be generated ({problem}); set data.root to a "
+                          "writable folder")
     problem = writable_dir_problem(pathlib.Path(output_dir).absolute())
     if problem:
         raise ConfigError(f"output dir {output_dir!r} cannot be written ({problem}); set output_root to a writable folder")
