@@ -12,6 +12,8 @@ import time
 import pytest
 import torch
 
+from .conftest import train_command
+
 EPOCHS = 6
 NORMS = ("bn", "mabn")
 
@@ -66,3 +68,14 @@ def test_local_submitit_multirun_requeues_a_preempted_run_to_the_same_weights(ti
         reference = _final_weights(tmp_path / "ref" / "train" / _run_name(norm))
         for key, value in _final_weights(run_dir).items():
             assert torch.equal(value, reference[key]), f"{norm}: {key} differs from the uninterrupted run"
+
+
+def test_slurm_launcher_without_slurm_is_one_error_line(tiny_shapes, tmp_path):
+    """Off a SLURM cluster, submitit's 'Could not detect srun' traceback ended the sweep at its first launch."""
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # no srun on it, whatever this machine has
+    command = train_command(tiny_shapes, tmp_path / "out", "norm=bn,mabn", "hydra/launcher=slurm")
+    command.insert(3, "-m")  # python -m mabn.train -m ...
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert out.stderr.startswith("error: hydra/launcher=slurm but srun is not on PATH here (no SLURM); valid: "), out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()

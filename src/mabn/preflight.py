@@ -4,6 +4,7 @@ Registered as a Hydra callback in configs/train.yaml (`hydra.callbacks.preflight
 """
 import os
 import pathlib
+import shutil
 import sys
 
 import torch
@@ -85,6 +86,16 @@ def check_sweep(config: DictConfig) -> None:
                 raise type(err)(f"the sweep's job {values}: {err}" if values else str(err)) from None
 
 
+def check_launcher(config: DictConfig) -> None:
+    """A SLURM launcher where SLURM is: submitit looks for `srun` when the sweep's first batch is launched, and
+    without it ended the sweep in a traceback."""
+    target = str(config.hydra.launcher.get("_target_", ""))
+    if target.endswith(".SlurmLauncher") and shutil.which("srun") is None:
+        raise ConfigError("hydra/launcher=slurm but srun is not on PATH here (no SLURM); valid: run the sweep on a "
+                          "SLURM login node, or hydra/launcher=local (submitit's local executor) or no launcher "
+                          "override to run the jobs on this machine")
+
+
 def check_run_dir_free(run_dir) -> None:
     """No other trainer holds the run dir (`run_lock`). Rank 0's check only: a job's ranks share its run dir,
     and rank 0 may hold it already when another rank gets here."""
@@ -118,7 +129,7 @@ class Preflight(Callback):
         self._fail_on_error(check)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        self._fail_on_error(lambda: check_sweep(config))
+        self._fail_on_error(lambda: (check_launcher(config), check_sweep(config)))
         for folder in pathlib.Path(config.hydra.sweep.dir).glob(f"*/{config.hydra.output_subdir}"):
             self.records[folder.resolve()] = {name: (folder / name).read_bytes() for name in HYDRA_RECORDS
                                               if (folder / name).is_file()}
