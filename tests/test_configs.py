@@ -194,6 +194,7 @@ BAD_VALUES = {  # override -> what the one error line must say
     "optim.momentum=1": "optim.momentum=1 is not valid; valid: a number in [0, 1)",
     "optim.weight_decay=-1": "optim.weight_decay=-1 is not valid",
     "train.device=tpu": "train.device='tpu' is not valid; valid: auto, cpu, cuda or cuda:N",
+    "train.device=cuda:abc": "train.device='cuda:abc' is not valid; valid: auto, cpu, cuda or cuda:N",  # passed, as cuda:
     "train.checkpoint_keep=0": "train.checkpoint_keep=0 is not valid",
     "train.compile=yes": "train.compile='yes' is not valid; valid: true or false",
     "train.compile_mode=fast": "train.compile_mode='fast' is not valid; valid: default, reduce-overhead, max-autotune",

@@ -293,3 +293,24 @@ def test_launch_refuses_more_gpus_than_visible_and_a_busy_or_impossible_port():
         command = _launch(free_port())
         out = subprocess.run([*command[:2], "--master-addr", addr, *command[2:]], capture_output=True, text=True, timeout=60)
         assert out.returncode == 2 and out.stderr.startswith(f"error: {message}"), out.stderr
+
+
+def test_the_device_of_a_process_must_be_there(monkeypatch):
+    """A SLURM job with more tasks than GPUs per node ended each extra rank in CUDA's 'invalid device ordinal'
+    traceback; `train.device=cuda:abc` passed the config check."""
+    from mabn.config import ConfigError
+    from mabn.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", 3) == "cpu" and resolve_device("cpu", 3) == "cpu"
+    with pytest.raises(ConfigError, match=r"^train.device='cuda:1' but no CUDA device is visible; valid here: auto or cpu$"):
+        resolve_device("cuda:1", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert [resolve_device(d, 3) for d in ("auto", "cuda", "cuda:2", "cpu")] == ["cuda:3", "cuda:3", "cuda:2", "cpu"]
+    for requested in ("auto", "cuda"):
+        with pytest.raises(ConfigError, match=r"^this process has LOCAL_RANK=4 but 4 GPUs are visible: one process per "
+                                              r"GPU; valid: .*tasks_per_node = gpus_per_node$"):
+            resolve_device(requested, 4)
+    with pytest.raises(ConfigError, match=r"^train.device='cuda:4' but 4 GPUs are visible; valid here: cuda:0 to cuda:3"):
+        resolve_device("cuda:4", 0)

@@ -2,7 +2,6 @@
 import pathlib
 import re
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .compile import MODES as COMPILE_MODES
@@ -137,10 +136,7 @@ def check_schedule_and_optim(cfg: DictConfig) -> None:
 def check_train(cfg: DictConfig) -> None:
     train = cfg.train
     device = str(train.device)
-    require("train.device", device, device in ("auto", "cpu") or device == "cuda" or device.startswith("cuda:"),
-             "auto, cpu, cuda or cuda:N")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={device!r} but no CUDA device is visible; valid here: auto or cpu")
+    require("train.device", device, re.fullmatch(r"auto|cpu|cuda(:\d+)?", device) is not None, "auto, cpu, cuda or cuda:N")
     for key in ("checkpoint_keep", "log_every"):
         require(f"train.{key}", train[key], is_int(train[key]) and train[key] >= 1, "an integer >= 1")
     for key in ("checkpoint_every_steps", "checkpoint_minutes", "max_nonfinite_skips"):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 # tensor aborts the process (SIGABRT, "terminate called without an active exception") after the run's work is done.
 import torch.distributed.nn.functional  # noqa: F401
 
+from .config import ConfigError
 from .norms import SyncBatchNorm2d
 
 
@@ -34,11 +35,24 @@ class DistInfo:
 
 
 def resolve_device(requested: str, local_rank: int) -> str:
-    if requested == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"train.device={requested!r} but no CUDA device is visible; use train.device=cpu or auto")
-    return f"cuda:{local_rank}" if requested == "cuda" else requested
+    """The device of this process: GPU `local_rank` for auto (when CUDA is there) and cuda. ConfigError when it
+    is not there: a SLURM job with more tasks than GPUs per node (tasks_per_node > gpus_per_node) ended each
+    extra rank in CUDA's 'invalid device ordinal' traceback."""
+    if requested == "auto" and not torch.cuda.is_available():
+        return "cpu"
+    if requested == "cpu":
+        return requested
+    if not torch.cuda.is_available():
+        raise ConfigError(f"train.device={requested!r} but no CUDA device is visible; valid here: auto or cpu")
+    device = f"cuda:{local_rank}" if requested in ("auto", "cuda") else requested
+    count = torch.cuda.device_count()
+    if int(device.partition(":")[2]) >= count:
+        if requested in ("auto", "cuda"):
+            raise ConfigError(f"this process has LOCAL_RANK={local_rank} but {count} GPUs are visible: one process per "
+                              "GPU; valid: GPUS= at most the node's GPUs, or SLURM's tasks_per_node = gpus_per_node")
+        raise ConfigError(f"train.device={requested!r} but {count} GPUs are visible; valid here: cuda:0 to "
+                          f"cuda:{count - 1}, cuda, auto or cpu")
+    return device
 
 
 def export_slurm_environment() -> None:

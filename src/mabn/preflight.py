@@ -16,7 +16,7 @@ from . import run_lock
 from .batch_stats import select_layers
 from .config import ConfigError, model_kwargs, require, validate
 from .data import DatasetError, check_root
-from .distributed import launched_world_size
+from .distributed import launched_world_size, resolve_device
 from .models import ARCHS, STEMS, build_model
 from .resume import check_resume
 
@@ -56,6 +56,7 @@ def check_layers(cfg: DictConfig) -> None:
 
 def preflight(cfg: DictConfig, output_dir: str) -> None:
     validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
+    resolve_device(str(cfg.train.device), int(os.environ.get("LOCAL_RANK", 0)))  # no GPU, or not this rank's
     check_layers(cfg)
     check_root(cfg.data)
     root = pathlib.Path(os.path.expanduser(str(cfg.data.root))).absolute()
