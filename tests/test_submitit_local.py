@@ -79,3 +79,14 @@ def test_slurm_launcher_without_slurm_is_one_error_line(tiny_shapes, tmp_path):
     assert out.returncode == 2, out.stderr[-3000:]
     assert out.stderr.startswith("error: hydra/launcher=slurm but srun is not on PATH here (no SLURM); valid: "), out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
+    # with SLURM, more tasks than GPUs on a node: each extra rank failed when the job started, after its wait in the queue
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
+    (tmp_path / "bin" / "srun").chmod(0o755)
+    env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    out = subprocess.run([*command, "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_node=4"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and out.stderr == ("error: hydra.launcher.tasks_per_node=8 but gpus_per_node=4: each task "
+                                                  "trains on one GPU of its node; valid: tasks_per_node <= gpus_per_node "
+                                                  "(equal uses every GPU)\n"), out.stderr[-3000:]
+    assert not (tmp_path / "out").exists()

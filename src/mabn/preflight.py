@@ -90,11 +90,17 @@ def check_sweep(config: DictConfig) -> None:
 def check_launcher(config: DictConfig) -> None:
     """A SLURM launcher where SLURM is: submitit looks for `srun` when the sweep's first batch is launched, and
     without it ended the sweep in a traceback."""
-    target = str(config.hydra.launcher.get("_target_", ""))
-    if target.endswith(".SlurmLauncher") and shutil.which("srun") is None:
+    launcher = config.hydra.launcher
+    if not str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
+        return
+    if shutil.which("srun") is None:
         raise ConfigError("hydra/launcher=slurm but srun is not on PATH here (no SLURM); valid: run the sweep on a "
                           "SLURM login node, or hydra/launcher=local (submitit's local executor) or no launcher "
                           "override to run the jobs on this machine")
+    tasks, gpus = launcher.get("tasks_per_node"), launcher.get("gpus_per_node")
+    if isinstance(tasks, int) and isinstance(gpus, int) and 0 < gpus < tasks:  # found when the job started, queued
+        raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} but gpus_per_node={gpus}: each task trains on one "
+                          f"GPU of its node; valid: tasks_per_node <= gpus_per_node (equal uses every GPU)")
 
 
 def check_run_dir_free(run_dir) -> None:
