@@ -70,23 +70,33 @@ def test_local_submitit_multirun_requeues_a_preempted_run_to_the_same_weights(ti
             assert torch.equal(value, reference[key]), f"{norm}: {key} differs from the uninterrupted run"
 
 
-def test_slurm_launcher_without_slurm_is_one_error_line(tiny_shapes, tmp_path):
-    """Off a SLURM cluster, submitit's 'Could not detect srun' traceback ended the sweep at its first launch."""
+def test_a_slurm_sweep_is_checked_for_slurm_and_for_its_jobs_process_count(tiny_shapes, tmp_path):
+    """Off a SLURM cluster, submitit's 'Could not detect srun' traceback ended the sweep at its first launch; on one,
+    the sweep's check counted one process a run."""
     env = dict(os.environ, PATH=os.path.dirname(sys.executable))  # no srun on it, whatever this machine has
     command = train_command(tiny_shapes, tmp_path / "out", "norm=bn,mabn", "hydra/launcher=slurm")
     command.insert(3, "-m")  # python -m mabn.train -m ...
     out = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2, out.stderr[-3000:]
-    assert out.stderr.startswith("error: hydra/launcher=slurm but srun is not on PATH here (no SLURM); valid: "), out.stderr
+    assert out.stderr.startswith("error: hydra/launcher=slurm but srun and sbatch are not on PATH here (no SLURM); "
+                                 "valid: "), out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "out").exists()
-    # with SLURM, more tasks than GPUs on a node: each extra rank failed when the job started, after its wait in the queue
+    # SLURM's tools, stand-ins: sbatch records that it was asked and refuses, so the sweep ends there
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "srun").write_text("#!/bin/sh\nexit 1\n")
-    (tmp_path / "bin" / "srun").chmod(0o755)
+    for tool, script in (("srun", "exit 1"), ("sbatch", f"echo \"$@\" >> {tmp_path / 'submitted'}; exit 1")):
+        (tmp_path / "bin" / tool).write_text(f"#!/bin/sh\n{script}\n")
+        (tmp_path / "bin" / tool).chmod(0o755)
     env["PATH"] = f"{tmp_path / 'bin'}{os.pathsep}{env['PATH']}"
+    # more tasks than GPUs on a node: each extra rank failed when the job started, after its wait in the queue
     out = subprocess.run([*command, "hydra.launcher.tasks_per_node=8", "hydra.launcher.gpus_per_node=4"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and out.stderr == ("error: hydra.launcher.tasks_per_node=8 but gpus_per_node=4: each task "
                                                   "trains on one GPU of its node; valid: tasks_per_node <= gpus_per_node "
                                                   "(equal uses every GPU)\n"), out.stderr[-3000:]
     assert not (tmp_path / "out").exists()
+    # the paper's 8 x 32 (train.total_batch=256) was refused at the sweep's start, counted as 1 process a run
+    paper = [*command, "train.total_batch=16", "data.batch_per_gpu=2", "hydra.launcher.tasks_per_node=8"]
+    out = subprocess.run(paper, capture_output=True, text=True, timeout=300, env=env)
+    assert "error: " not in out.stderr and (tmp_path / "submitted").is_file(), out.stderr[-3000:]
+    out = subprocess.run([*paper, "hydra.launcher.nodes=2"], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 2 and "train.total_batch=16 but data.batch_per_gpu=2 x 16 processes" in out.stderr

@@ -54,9 +54,13 @@ def check_layers(cfg: DictConfig) -> None:
                     f"an integer in [0, {narrowest - 1}] (the narrowest recorded layer has {narrowest} channels)")
 
 
-def preflight(cfg: DictConfig, output_dir: str) -> None:
-    validate(cfg, int(os.environ.get("WORLD_SIZE", 1)))
-    resolve_device(str(cfg.train.device), int(os.environ.get("LOCAL_RANK", 0)))  # no GPU, or not this rank's
+def preflight(cfg: DictConfig, output_dir: str, launch: tuple[int, bool] | None = None) -> None:
+    """Every config check of one run. `launch`: (processes per run, whether they run on this machine) for the jobs
+    of a sweep that a submitit launcher starts (`sweep_launch`); default: this process's own launch."""
+    world_size, here = launch or (int(os.environ.get("WORLD_SIZE", 1)), True)
+    validate(cfg, world_size)
+    if here:  # a SLURM job's GPUs are its node's, not the login node's
+        resolve_device(str(cfg.train.device), int(os.environ.get("LOCAL_RANK", 0)))  # no GPU, or not this rank's
     check_layers(cfg)
     check_root(cfg.data)
     root = pathlib.Path(os.path.expanduser(str(cfg.data.root))).absolute()
@@ -81,22 +85,37 @@ def check_sweep(config: DictConfig) -> None:
     for batch in BasicSweeper.split_arguments(overrides, None):
         for job in batch:
             try:
-                preflight(compose(config_name=config.hydra.job.config_name, overrides=job), config.hydra.sweep.dir)
+                preflight(compose(config_name=config.hydra.job.config_name, overrides=job), config.hydra.sweep.dir,
+                          sweep_launch(config))
             except (ConfigError, DatasetError) as err:
                 values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
                 raise type(err)(f"the sweep's job {values}: {err}" if values else str(err)) from None
 
 
+def sweep_launch(config: DictConfig) -> tuple[int, bool]:
+    """(processes per run, whether they run on this machine) for the jobs of a sweep. submitit's launchers start
+    nodes x tasks_per_node processes a job (on SLURM's nodes for hydra/launcher=slurm): the check at the sweep's
+    start counted 1, and refused `experiment=paper_table_bs32` (train.total_batch=256 on 8 GPUs) on SLURM."""
+    launcher = config.hydra.launcher
+    target = str(launcher.get("_target_", ""))
+    if target.endswith((".SlurmLauncher", ".LocalLauncher")):
+        nodes, tasks = launcher.get("nodes", 1), launcher.get("tasks_per_node", 1)
+        return int(nodes or 1) * int(tasks or 1), target.endswith(".LocalLauncher")
+    return int(os.environ.get("WORLD_SIZE", 1)), True
+
+
 def check_launcher(config: DictConfig) -> None:
-    """A SLURM launcher where SLURM is: submitit looks for `srun` when the sweep's first batch is launched, and
-    without it ended the sweep in a traceback."""
+    """A SLURM launcher where SLURM is, asked for no more tasks than GPUs a node: submitit looks for `srun` when
+    the sweep's first batch is launched, and without it ended the sweep in a traceback."""
     launcher = config.hydra.launcher
     if not str(launcher.get("_target_", "")).endswith(".SlurmLauncher"):
         return
-    if shutil.which("srun") is None:
-        raise ConfigError("hydra/launcher=slurm but srun is not on PATH here (no SLURM); valid: run the sweep on a "
-                          "SLURM login node, or hydra/launcher=local (submitit's local executor) or no launcher "
-                          "override to run the jobs on this machine")
+    missing = [tool for tool in ("srun", "sbatch") if shutil.which(tool) is None]  # submitit's check; its submit
+    if missing:
+        raise ConfigError(f"hydra/launcher=slurm but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                          "not on PATH here (no SLURM); valid: run the sweep on a SLURM login node, or "
+                          "hydra/launcher=local (submitit's local executor) or no launcher override to run the jobs on "
+                          "this machine")
     tasks, gpus = launcher.get("tasks_per_node"), launcher.get("gpus_per_node")
     if isinstance(tasks, int) and isinstance(gpus, int) and 0 < gpus < tasks:  # found when the job started, queued
         raise ConfigError(f"hydra.launcher.tasks_per_node={tasks} but gpus_per_node={gpus}: each task trains on one "
