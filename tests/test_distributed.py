@@ -314,3 +314,16 @@ def test_the_device_of_a_process_must_be_there(monkeypatch):
             resolve_device(requested, 4)
     with pytest.raises(ConfigError, match=r"^train.device='cuda:4' but 4 GPUs are visible; valid here: cuda:0 to cuda:3"):
         resolve_device("cuda:4", 0)
+
+
+def test_a_slurm_task_takes_its_gpu_among_the_nodes_gpus():
+    """submitit's export narrowed CUDA_VISIBLE_DEVICES to the task's GPU while the trainer took cuda:LOCAL_RANK:
+    every task of a node but the first asked for a GPU it could not see."""
+    slurm = dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="123", SLURM_NTASKS="8", SLURM_PROCID="7", SLURM_LOCALID="3",
+                 SLURM_NODEID="1", SLURM_JOB_NUM_NODES="2", SLURM_JOB_NODELIST="node[1-2]", CUDA_VISIBLE_DEVICES="0,1,2,3")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    code = ("import json, os; from mabn.distributed import launched_world_size; n = launched_world_size(); "
+            "print(json.dumps([n] + [os.environ[k] for k in ('RANK', 'LOCAL_RANK', 'CUDA_VISIBLE_DEVICES')]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**env, **slurm})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [8, "7", "3", "0,1,2,3"]

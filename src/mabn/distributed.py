@@ -57,12 +57,14 @@ def resolve_device(requested: str, local_rank: int) -> str:
 
 def export_slurm_environment() -> None:
     """Under SLURM without torchrun (one task per GPU, e.g. hydra/launcher=slurm), set the variables
-    torchrun would have set, from SLURM's, with submitit's helper."""
+    torchrun would have set, from SLURM's, with submitit's helper. The node's GPUs stay visible, as under
+    torchrun, and each task takes GPU LOCAL_RANK: the helper's default narrowed CUDA_VISIBLE_DEVICES to that
+    one GPU, so cuda:LOCAL_RANK did not exist for any task but each node's first."""
     if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
         return
     from submitit.helpers import TorchDistributedEnvironment
 
-    TorchDistributedEnvironment().export()
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
 def launched_world_size() -> int:
