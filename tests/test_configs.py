@@ -270,3 +270,15 @@ def test_a_checkpoint_must_fit_the_model_and_the_classes_of_the_run_that_continu
     (tmp_path / "train" / "eel").rename(tmp_path / "train" / "emu")
     with pytest.raises(ResumeMismatch, match="trained on 3 classes, data.root=.* has 3 \\(e.g. 'emu' is in one only\\)"):
         check_fits(state, cfg, "ck.pt")
+
+
+def test_one_gpu_named_for_several_processes_is_refused():
+    """`GPUS=8 ARGS=train.device=cuda:0` put every rank on GPU 0: NCCL's 'Duplicate GPU detected' once all joined."""
+    from mabn.config import ConfigError
+
+    validate(_compose(["train.device=cuda:0"]), world_size=1)  # one process: its GPU (when there is one)
+    for device in ("auto", "cuda", "cpu"):
+        validate(_compose([f"train.device={device}"]), world_size=8)
+    with pytest.raises(ConfigError, match=r"^train.device='cuda:0' puts all 8 processes on one GPU; valid with several "
+                                          r"processes: auto or cuda \(each takes GPU LOCAL_RANK\)$"):
+        validate(_compose(["train.device=cuda:0"]), world_size=8)

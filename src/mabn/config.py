@@ -62,6 +62,10 @@ def validate(cfg: DictConfig, world_size: int = 1) -> None:
     check_data(cfg.data)
     check_schedule_and_optim(cfg)
     check_train(cfg)
+    device = str(cfg.train.device)
+    if world_size > 1 and device.startswith("cuda:"):  # NCCL's 'Duplicate GPU detected' once they all joined
+        raise ConfigError(f"train.device={device!r} puts all {world_size} processes on one GPU; valid with several "
+                          "processes: auto or cuda (each takes GPU LOCAL_RANK)")
     warmup = cfg.norm.get("options", {}).get("warmup")
     require("norm.options.warmup", warmup, cfg.norm.name != "mabn" or warmup == "auto" or (is_int(warmup) and warmup >= 0),
             "auto, or an integer >= 0 (forwards)")
