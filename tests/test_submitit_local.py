@@ -100,3 +100,17 @@ def test_a_slurm_sweep_is_checked_for_slurm_and_for_its_jobs_process_count(tiny_
     assert "error: " not in out.stderr and (tmp_path / "submitted").is_file(), out.stderr[-3000:]
     out = subprocess.run([*paper, "hydra.launcher.nodes=2"], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2 and "train.total_batch=16 but data.batch_per_gpu=2 x 16 processes" in out.stderr
+
+
+def test_a_local_job_of_two_tasks_is_one_ddp_run(tiny_shapes, tmp_path):
+    """hydra/launcher=local with tasks_per_node=2 ran two one-process trainings of the same run dir, until the run
+    lock refused the second and failed the sweep; its tasks now join one process group, as SLURM's do."""
+    out = subprocess.run([sys.executable, "-m", "mabn.train", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
+                          *(s for s in _settings(tiny_shapes, tmp_path) if not s.startswith("schedule.epochs=")),
+                          "schedule.epochs=1", "norm=mabn"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp_path / "train" / _run_name("mabn")
+    assert "| cpu x2 | SGD batch 8," in (run_dir / "train.log").read_text()
+    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    assert torch.load(newest, weights_only=True)["world_size"] == 2

@@ -56,11 +56,13 @@ def resolve_device(requested: str, local_rank: int) -> str:
 
 
 def export_slurm_environment() -> None:
-    """Under SLURM without torchrun (one task per GPU, e.g. hydra/launcher=slurm), set the variables
-    torchrun would have set, from SLURM's, with submitit's helper. The node's GPUs stay visible, as under
-    torchrun, and each task takes GPU LOCAL_RANK: the helper's default narrowed CUDA_VISIBLE_DEVICES to that
-    one GPU, so cuda:LOCAL_RANK did not exist for any task but each node's first."""
-    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", 1)) <= 1:
+    """Under SLURM or submitit's local executor without torchrun (one task per GPU: hydra/launcher=slurm, or
+    local with tasks_per_node > 1, whose tasks trained apart until the run lock stopped the second), set the
+    variables torchrun would have set, with submitit's helper. The node's GPUs stay visible, as under torchrun,
+    and each task takes GPU LOCAL_RANK: the helper's default narrowed CUDA_VISIBLE_DEVICES to that one GPU, so
+    cuda:LOCAL_RANK did not exist for any task but each node's first."""
+    tasks = os.environ.get("SLURM_NTASKS") or os.environ.get("SUBMITIT_LOCAL_NTASKS")  # hydra/launcher=slurm, local
+    if "WORLD_SIZE" in os.environ or int(tasks or 1) <= 1:
         return
     from submitit.helpers import TorchDistributedEnvironment
 
