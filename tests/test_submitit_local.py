@@ -105,12 +105,17 @@ def test_a_slurm_sweep_is_checked_for_slurm_and_for_its_jobs_process_count(tiny_
 def test_a_local_job_of_two_tasks_is_one_ddp_run(tiny_shapes, tmp_path):
     """hydra/launcher=local with tasks_per_node=2 ran two one-process trainings of the same run dir, until the run
     lock refused the second and failed the sweep; its tasks now join one process group, as SLURM's do."""
-    out = subprocess.run([sys.executable, "-m", "mabn.train", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
-                          *(s for s in _settings(tiny_shapes, tmp_path) if not s.startswith("schedule.epochs=")),
-                          "schedule.epochs=1", "norm=mabn"],
-                         capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "mabn.train", "-m", "hydra/launcher=local", "hydra.launcher.tasks_per_node=2",
+               *(s for s in _settings(tiny_shapes, tmp_path) if not s.startswith("schedule.epochs=")),
+               "schedule.epochs=1", "norm=mabn"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     run_dir = tmp_path / "train" / _run_name("mabn")
     assert "| cpu x2 | SGD batch 8," in (run_dir / "train.log").read_text()
     newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
     assert torch.load(newest, weights_only=True)["world_size"] == 2
+    # both ranks log into the run's one train.log: what every rank does (resume, find the run done) is said once
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert log.count("resumed from") == 1 and log.count("run already finished") == 1, log

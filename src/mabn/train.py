@@ -205,7 +205,9 @@ class Job:
         progress.load_state_dict(state["progress"])
         progress.last_checkpoint = str(path)
         ckpt.restore_rng_state(state["rng"])
-        log.info("resumed from %s at epoch %d, batch %d, step %d", path, progress.epoch + 1, progress.batch, progress.step)
+        if self.info.is_main:  # every rank resumes; one says so (each wrote it into the run's one train.log)
+            log.info("resumed from %s at epoch %d, batch %d, step %d", path, progress.epoch + 1, progress.batch,
+                     progress.step)
 
 
 def run(cfg: DictConfig) -> dict:
@@ -230,12 +232,14 @@ def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
         log.info("run dir %s | %s x%d | SGD batch %d, peak lr %.4g | %d steps/epoch | source %s | pid %d", run_dir,
                  info.device, info.world_size, job.sgd_batch, job.peak_lr, job.steps_per_epoch, job.source, os.getpid())
     if progress.epoch >= cfg.schedule.epochs:
-        log.info("run already finished (%d epochs) in %s; nothing to do", progress.epoch, run_dir)
+        if info.is_main:
+            log.info("run already finished (%d epochs) in %s; nothing to do", progress.epoch, run_dir)
         return dict(event="finished", step=progress.step, best_val_top1_err=progress.best_top1_err)
     pause = cfg.train.stop_after_epochs
     if pause and progress.epoch >= pause:
-        log.info("run stopped after epoch %d of %d (train.stop_after_epochs=%d) in %s; nothing to do: "
-                 "a larger value or null trains on", progress.epoch, cfg.schedule.epochs, pause, run_dir)
+        if info.is_main:
+            log.info("run stopped after epoch %d of %d (train.stop_after_epochs=%d) in %s; nothing to do: "
+                     "a larger value or null trains on", progress.epoch, cfg.schedule.epochs, pause, run_dir)
         return dict(event="paused", step=progress.step, best_val_top1_err=progress.best_top1_err)
     job.open_logs(progress)
     stop = StopSignal().install()
@@ -244,12 +248,14 @@ def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
             started = time.time()
             train_stats = train_one_epoch(job, progress, stop)
             if train_stats["stopped"]:
-                log.warning("stop signal %s: checkpoint %s written; run the same command to resume",
-                            stop.received, progress.last_checkpoint)
+                if info.is_main:  # the ranks stop together, at the step agreed on, whichever got the signal
+                    received = "another rank's" if stop.received is None else stop.received
+                    log.warning("stop signal %s: checkpoint %s written; run the same command to resume", received,
+                                progress.last_checkpoint)
                 return dict(event="preempted", step=progress.step)
             val_stats = evaluate(job.net, job.loaders.val, info,
                                  cfg.train.amp, cfg.train.channels_last)
-            if val_stats["val_images"] != job.loaders.val_size:
+            if info.is_main and val_stats["val_images"] != job.loaders.val_size:
                 log.warning("evaluated %d images, the val set has %d", val_stats["val_images"], job.loaders.val_size)
             is_best = val_stats["val_top1_err"] < progress.best_top1_err
             progress.best_top1_err = min(progress.best_top1_err, val_stats["val_top1_err"])
