@@ -63,6 +63,10 @@ def main() -> None:
             fail(f"GPUS={args.gpus} but {visible} GPUs are visible on this node "
                  f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
                  f"use GPUS<={visible}, or PROCS={args.gpus} for CPU processes")
+    # Hydra takes -m/--multirun before the overrides only: `ARGS="-m norm=bn,mabn"` after train.device=cpu, or after
+    # NORM=, was 'unrecognized arguments' in every rank
+    flags = [o for o in overrides if o in ("-m", "--multirun")]
+    overrides = flags + [o for o in overrides if o not in flags]
     if args.node_rank == 0:
         check_master(args.master_addr, args.master_port)
     command = [

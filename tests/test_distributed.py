@@ -265,6 +265,19 @@ def test_a_stop_signal_to_a_torchrun_job_checkpoints_every_rank_and_ends_in_one_
     assert torch.load(newest, weights_only=True)["world_size"] == 2
 
 
+def test_a_sweep_under_torchrun_runs_each_job_on_every_rank(tiny_shapes, tmp_path):
+    """`make train PROCS=2 NORM=bn ARGS="-m seed=0,1"`: `-m` after the overrides was Hydra's 'unrecognized arguments'
+    in every rank; placed first, the second job's new process group was refused (gloo: connection refused)."""
+    overrides = train_command(tiny_shapes, tmp_path, "data.batch_per_gpu=4")[3:]
+    out = subprocess.run(_launch(free_port(), *overrides, "-m", "seed=0,1"), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for seed in (0, 1):
+        run_dir = tmp_path / "train" / f"shapes10-resnet18_cpu-bn-b4-n4-s{seed}"
+        assert json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["event"] == "finished"
+        newest = max((run_dir / "checkpoints").glob("step-*.pt"))
+        assert torch.load(newest, weights_only=True)["world_size"] == 2
+
+
 @pytest.mark.parametrize("flags, named", [(["--cpu", "--gpus", "0"], "PROCS=0"), (["--gpus", "0"], "GPUS=0")])
 def test_launch_names_the_make_variable_of_a_bad_process_count(flags, named):
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch.py"), *flags, "--"],

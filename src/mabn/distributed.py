@@ -1,4 +1,5 @@
 """The process group: detected from torchrun's (or SLURM's) environment, single process otherwise."""
+import atexit
 import contextlib
 import datetime
 import inspect
@@ -154,16 +155,24 @@ class RankAveragedRunningStats:
 
 
 @contextlib.contextmanager
-def closing_process_group():
+def closing_process_group(keep_open: bool = False):
     """Destroy the process group (if any) when the block exits. On a normal exit every rank first
     waits for the others, so no rank closes its gloo connections while another still uses them; not
-    after an error or sys.exit, where the other ranks may never arrive."""
+    after an error or sys.exit, where the other ranks may never arrive.
+
+    `keep_open`: more jobs follow in these processes (a Hydra multirun under torchrun), and a second group
+    cannot be made from torchrun's store (the second job's gloo connections were refused): the next job
+    joins this one, which closes when the process exits."""
     try:
         yield
     except BaseException:
         _destroy_process_group(synchronize=False)
         raise
-    _destroy_process_group(synchronize=True)
+    if keep_open and dist.is_initialized():
+        dist.barrier()
+        atexit.register(_destroy_process_group, synchronize=False)  # per job; after the first, a no-op
+    else:
+        _destroy_process_group(synchronize=True)
 
 
 def _destroy_process_group(synchronize: bool) -> None:

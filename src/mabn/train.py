@@ -19,6 +19,7 @@ import hydra
 import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
@@ -288,7 +289,7 @@ def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    with closing_process_group():
+    with closing_process_group(keep_open=HydraConfig.get().mode == RunMode.MULTIRUN):
         try:
             result = run(cfg)
         except (ConfigError, DatasetError, NonFiniteLoss) as err:
