@@ -25,8 +25,9 @@ BATCHES ?= 2,32
 SWEEP_ARGS ?= schedule.epochs=2
 BENCH_ARGS ?=
 
-OVERRIDES := $(if $(EXP),experiment=$(EXP)) $(if $(NORM),norm=$(NORM)) $(if $(BS),data.batch_per_gpu=$(BS)) \
-             $(if $(RESUME),train.resume=$(RESUME)) $(ARGS)
+# Hydra takes -m/--multirun before the overrides only (`make train NORM=bn ARGS="-m seed=0,1"`)
+OVERRIDES := $(filter -m --multirun,$(ARGS)) $(if $(EXP),experiment=$(EXP)) $(if $(NORM),norm=$(NORM)) \
+             $(if $(BS),data.batch_per_gpu=$(BS)) $(if $(RESUME),train.resume=$(RESUME)) $(filter-out -m --multirun,$(ARGS))
 LAUNCHER := $(PY) scripts/launch.py --nodes $(NODES) --node-rank $(NODE_RANK) \
             --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT)
 ifneq ($(PROCS),)

@@ -132,6 +132,15 @@ def test_make_tensorboard_reads_the_output_root_that_training_wrote():
     assert out.returncode == 0 and commands[-1].endswith("tensorboard --logdir /data/runs --port 6007"), out.stdout
 
 
+def test_make_train_puts_a_multirun_flag_before_the_overrides():
+    # `make train NORM=bn ARGS="-m seed=0,1"`: Hydra read the overrides after -m as 'unrecognized arguments'
+    for extra in ([], ["PROCS=2"]):
+        out = subprocess.run(["make", "-n", "--no-print-directory", "train", "NORM=bn", "ARGS=-m seed=0,1", *extra],
+                             cwd=ROOT, capture_output=True, text=True, timeout=60)
+        words = out.stdout.splitlines()[-1].split()
+        assert out.returncode == 0 and words[-3:] == ["-m", "norm=bn", "seed=0,1"], out.stdout
+
+
 def test_unknown_group_option_lists_the_valid_ones():
     out = subprocess.run(
         ["make", "-s", "train", "NORM=batchnorm", "ARGS=--cfg job"], cwd=ROOT, capture_output=True, text=True, timeout=120
