@@ -57,7 +57,7 @@ def check_layers(cfg: DictConfig) -> None:
 def preflight(cfg: DictConfig, output_dir: str, launch: tuple[int, bool] | None = None) -> None:
     """Every config check of one run. `launch`: (processes per run, whether they run on this machine) for the jobs
     of a sweep that a submitit launcher starts (`sweep_launch`); default: this process's own launch."""
-    world_size, here = launch or (int(os.environ.get("WORLD_SIZE", 1)), True)
+    world_size, here = launch or (launched_world_size(), True)  # SLURM's tasks (srun) count before they export
     validate(cfg, world_size)
     if here:  # a SLURM job's GPUs are its node's, not the login node's
         resolve_device(str(cfg.train.device), int(os.environ.get("LOCAL_RANK", 0)))  # no GPU, or not this rank's
@@ -101,7 +101,7 @@ def sweep_launch(config: DictConfig) -> tuple[int, bool]:
     if target.endswith((".SlurmLauncher", ".LocalLauncher")):
         nodes, tasks = launcher.get("nodes", 1), launcher.get("tasks_per_node", 1)
         return int(nodes or 1) * int(tasks or 1), target.endswith(".LocalLauncher")
-    return int(os.environ.get("WORLD_SIZE", 1)), True
+    return launched_world_size(), True  # Hydra's basic launcher: the jobs run in this process (torchrun's, srun's)
 
 
 def check_launcher(config: DictConfig) -> None:
