@@ -294,17 +294,21 @@ def test_one_gpu_named_for_several_processes_is_refused():
         validate(_compose(["train.device=cuda:0"]), world_size=8)
 
 
-def test_the_preflight_counts_the_tasks_of_a_job_that_srun_started(monkeypatch, tmp_path):
+def test_the_preflight_counts_the_tasks_of_a_job_that_srun_started(tmp_path):
     """`srun --ntasks=2 python -m mabn.train train.total_batch=64` (an sbatch script of one's own): the preflight read
     WORLD_SIZE before SLURM's variables were exported and refused the run as one process."""
+    from unittest import mock
+
     from mabn.preflight import preflight
 
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)  # restored after the test, whatever the export sets
     slurm = dict(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="7", SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="1",
                  SLURM_NODEID="0", SLURM_JOB_NUM_NODES="1", SLURM_JOB_NODELIST="node1")
-    for key, value in slurm.items():
-        monkeypatch.setenv(key, value)
     cfg = _compose([f"data.root={tmp_path / 'shapes'}", "train.total_batch=64"])
-    preflight(cfg, str(tmp_path / "out"))
-    assert os.environ["WORLD_SIZE"] == "2" and os.environ["LOCAL_RANK"] == "1"
+    # the whole environment is put back after: the export's WORLD_SIZE, RANK, MASTER_ADDR... left in this test
+    # process made every later training subprocess of its worker wait for a process group
+    with mock.patch.dict(os.environ, slurm):
+        for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            os.environ.pop(key, None)
+        preflight(cfg, str(tmp_path / "out"))
+        assert os.environ["WORLD_SIZE"] == "2" and os.environ["LOCAL_RANK"] == "1"
+    assert "MASTER_ADDR" not in os.environ or os.environ["MASTER_ADDR"] != "node1"
