@@ -19,7 +19,7 @@ from mabn.data.folder import SeededImageFolder, class_names, collate_skipping_un
 from mabn.data.index import FileIndex, load_index
 from mabn.data.transforms import Augmentation, torchvision_transform
 
-from .conftest import ROOT
+from .conftest import ROOT, load_script
 
 LOADERS = ["torchvision", "dali"]
 
@@ -243,11 +243,10 @@ def _refused(script, *args):
     """A script's refusal, in this process: what it exits with and prints before any work, without the 3-4 s
     a new process spends importing torch (the runs that do the work go through `_run_script`)."""
     import contextlib
-    import importlib
     import io
     from unittest import mock
 
-    main = importlib.import_module(f"scripts.{pathlib.Path(script).stem}").main
+    main = load_script(pathlib.Path(script).stem).main
     out, err = io.StringIO(), io.StringIO()
     with mock.patch.object(sys, "argv", [str(script), *map(str, args)]), contextlib.redirect_stdout(out), \
             contextlib.redirect_stderr(err):
