@@ -285,6 +285,14 @@ def test_launch_names_the_make_variable_of_a_bad_process_count(flags, named):
     assert out.returncode == 2 and out.stderr.strip() == f"error: {named} and NODES=1 are not valid; valid: integers >= 1"
 
 
+def test_launch_refuses_an_unknown_group_option_before_torchrun_starts_the_ranks():
+    out = subprocess.run(_launch(free_port(), "-m", "experiment=paper_table_bs2,paper_table_bs3"), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.splitlines() == [
+        "error: experiment='paper_table_bs3' is not valid; valid: imagenette_cpu, imagenette_gpu, paper_table_bs2, "
+        "paper_table_bs32"], out.stderr[-2000:]  # no torchrun command line, no rank's line
+
+
 def test_launch_refuses_more_gpus_than_visible_and_a_busy_or_impossible_port():
     if torch.cuda.device_count() < 64:
         out = subprocess.run([sys.executable, str(ROOT / "scripts" / "launch.py"), "--gpus", "64", "--"],

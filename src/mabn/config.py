@@ -14,6 +14,7 @@ TAG = re.compile(r"-[A-Za-z0-9._=+-]*")  # a suffix of the run dir's name: no pa
 NAME = re.compile(r"[A-Za-z0-9._=+-]+")  # one folder name: no path separators or spaces
 FLAGS = ("train.amp", "train.channels_last", "train.deterministic", "train.compile", "train.progress", "stats.enabled",
          "stats.all_layers", "optim.nesterov", "optim.decay_norm_and_bias", "data.flip", "model.zero_init_last_gamma")  # true or false
+CONFIG_DIR = str(pathlib.Path(__file__).resolve().parents[2] / "configs")  # an editable install: src/mabn/ in the checkout
 MIN_MABN_WARMUP = 100  # the paper's MABN warmup (iterations of current statistics), SPEC §2
 
 
@@ -94,6 +95,45 @@ def require(key: str, value, ok: bool, valid: str) -> None:
     """Raise the one-line ConfigError `key=value is not valid; valid: ...` unless `ok`."""
     if not ok:
         raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
+
+
+def check_group_choices(argv: list, config_dir: str) -> None:
+    """Raise ConfigError when a command-line override picks a config group option that does not exist
+    (`norm=batchnorm`, `experiment=nope`, a sweep's `norm=bn,foo`), before Hydra composes anything: Hydra's own
+    report is a dozen lines, exit 1, and in a sweep comes only when it reaches that job. Hydra's parsers read the
+    command line; whatever they cannot read, and groups that come from plugins (hydra/*), are left to Hydra."""
+    import argparse
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+
+    parser = get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, rest = parser.parse_known_args(argv)
+        overrides = OverridesParser.create().parse_overrides([*args.overrides, *(a for a in rest if "=" in a)])
+    except (argparse.ArgumentError, HydraException):
+        return
+    if args.config_name or args.config_path or args.config_dir:
+        return
+    for override in overrides:
+        group = pathlib.Path(config_dir, override.key_or_group)
+        if override.package is not None or override.is_delete() or override.key_or_group.startswith("hydra/") \
+                or not group.is_dir():
+            continue
+        if override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
+            picked = list(override.sweep_string_iterator())
+        elif override.value_type == ValueType.ELEMENT:
+            value = override.value()
+            picked = value if isinstance(value, list) else [value]
+        else:  # glob and range sweeps: Hydra expands them against the group itself
+            continue
+        options = sorted(str(f.relative_to(group).with_suffix("")) for f in group.rglob("*.yaml"))
+        for choice in picked:
+            if isinstance(choice, str) and choice not in options:
+                raise ConfigError(f"{override.key_or_group}={choice!r} is not valid; valid: {', '.join(options)}")
 
 
 def check_data(data: DictConfig) -> None:

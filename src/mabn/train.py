@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import run_lock
 from .batch_stats import BatchStatsRecorder, lag_layers, select_layers
 from .compile import compile_model
-from .config import ConfigError, model_kwargs, sgd_batch, validate
+from .config import CONFIG_DIR, ConfigError, check_group_choices, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
 from .distributed import (
     DistInfo,
@@ -45,8 +45,7 @@ from .resume import check_same_run, find_checkpoint
 from .stop import StopSignal
 
 log = logging.getLogger("mabn.train")
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[2]  # an editable install: src/mabn/ in the checkout
-CONFIG_DIR = str(PROJECT_ROOT / "configs")
+PROJECT_ROOT = pathlib.Path(CONFIG_DIR).parent
 
 
 def source_version() -> str:
@@ -303,6 +302,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    try:  # a mistyped group option (norm=batchnorm) is one line, before Hydra composes anything
+        check_group_choices(sys.argv[1:], CONFIG_DIR)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     # Run the importable `mabn.train.main`, not this `__main__` copy: submitit (hydra/launcher=slurm,
     # local) pickles the task function, by reference only when it lives in an importable module.
     from mabn.train import main as importable_main
