@@ -53,10 +53,10 @@ def main() -> None:
         fail(f"MASTER_ADDR={args.master_addr!r} is not valid; valid: the host name or IP address of node rank 0")
     if not 1 <= args.master_port <= 65535:  # 99999 was a traceback from the port check; 0 has no meaning across nodes
         fail(f"MASTER_PORT={args.master_port} is not valid; valid: a TCP port in 1-65535 (default 29500)")
-    from mabn.config import CONFIG_DIR, ConfigError, check_group_choices
+    from mabn.config import CONFIG_DIR, ConfigError, check_overrides
 
     try:  # here, not once in every rank
-        check_group_choices(overrides, CONFIG_DIR)
+        check_overrides(overrides, CONFIG_DIR)
     except ConfigError as err:
         fail(str(err))
     if args.cpu:

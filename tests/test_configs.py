@@ -7,7 +7,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from mabn.config import FLAGS, ConfigError, check_group_choices, model_kwargs, validate
+from mabn.config import FLAGS, ConfigError, check_overrides, model_kwargs, validate
 from mabn.models import build_model
 
 from .conftest import ROOT, train_command
@@ -163,13 +163,22 @@ def test_unknown_group_option_lists_the_valid_ones():
     (["-m", "norm=choice(bn,BN)"], "norm='BN' is not valid"),
     (["+ablation=[ema,warmup]"], "ablation='warmup' is not valid; valid: ema, no_centered_conv,"),
     (["--cfg", "job", "data=imagenet1k"], "data='imagenet1k' is not valid; valid: imagenet, imagenette, imagenette64, shapes"),
+    # keys: Hydra's report advised `+schedule.epoch=2`, a setting nothing reads
+    (["data=imagenet", "data.root=/x", "data.crop_scale.0=0.3", "norm=mabn", "norm.options.window=4", "train.resume=a.pt",
+      "hydra.launcher.partition=gpu", "+schedule.final_lr_fraction=0.1"], None),
+    (["schedule.epoch=2"], "schedule.epoch=2 is not valid: the config has no schedule.epoch; valid: schedule.base_lr, "
+                           "schedule.epochs, schedule.final_lr_fraction,"),
+    (["-m", "norm=bn,mabn", "norm.options.window=4"], "norm.options.window=4 is not valid: the config with norm=bn has no "
+                                                      "norm.options.window; valid: norm.options.eps, norm.options.momentum"),
+    (["sched.epochs=2"], "sched.epochs=2 is not valid: the config has no sched.epochs; valid: data, model, norm, optim,"),
+    (["seed.x=1"], "seed.x=1 is not valid: the config has no seed.x; valid: data, model,"),
 ])
-def test_group_choices_are_checked_against_the_config_folders(argv, refused):
+def test_group_options_and_keys_are_checked_before_hydra_composes(argv, refused):
     if refused is None:
-        check_group_choices(argv, str(CONFIGS))
+        check_overrides(argv, str(CONFIGS))
     else:
         with pytest.raises(ConfigError, match="^" + re.escape(refused)):
-            check_group_choices(argv, str(CONFIGS))
+            check_overrides(argv, str(CONFIGS))
 
 
 def test_slurm_launcher_config_composes():

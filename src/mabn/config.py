@@ -97,16 +97,18 @@ def require(key: str, value, ok: bool, valid: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; valid: {valid}")
 
 
-def check_group_choices(argv: list, config_dir: str) -> None:
-    """Raise ConfigError when a command-line override picks a config group option that does not exist
-    (`norm=batchnorm`, `experiment=nope`, a sweep's `norm=bn,foo`), before Hydra composes anything: Hydra's own
-    report is a dozen lines, exit 1, and in a sweep comes only when it reaches that job. Hydra's parsers read the
-    command line; whatever they cannot read, and groups that come from plugins (hydra/*), are left to Hydra."""
+def check_overrides(argv: list, config_dir: str) -> None:
+    """Raise ConfigError when a command-line override names what the config does not have, before Hydra composes
+    anything: a group option with no file (`norm=batchnorm`, `experiment=nope`, a sweep's `norm=bn,foo`) or a key
+    (`schedule.epoch=2`). Hydra's own reports are 6 to 15 lines, exit 1, a sweep's came twice, and for a key they
+    advise `+schedule.epoch=2`, which adds a setting nothing reads. Hydra's parsers read the command line; what they
+    cannot read, groups from plugins (hydra/*), `+`/`++` additions and hydra.* keys are left to Hydra."""
     import argparse
 
+    from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
+    from hydra.core.override_parser.types import OverrideType, ValueType
     from hydra.errors import HydraException
 
     parser = get_args_parser()
@@ -118,22 +120,48 @@ def check_group_choices(argv: list, config_dir: str) -> None:
         return
     if args.config_name or args.config_path or args.config_dir:
         return
+    picks, keys = [], []  # the groups as the first job picks them (to compose its config), the keys to look up
     for override in overrides:
-        group = pathlib.Path(config_dir, override.key_or_group)
-        if override.package is not None or override.is_delete() or override.key_or_group.startswith("hydra/") \
-                or not group.is_dir():
+        name = override.key_or_group
+        group = pathlib.Path(config_dir, name)
+        if override.package is not None or override.is_delete() or name.startswith(("hydra/", "hydra.")):
+            continue
+        if not group.is_dir():
+            if override.type == OverrideType.CHANGE:
+                keys.append(override)
             continue
         if override.value_type in (ValueType.CHOICE_SWEEP, ValueType.SIMPLE_CHOICE_SWEEP):
             picked = list(override.sweep_string_iterator())
+            picks.append(f"{'+' if override.type == OverrideType.ADD else ''}{name}={picked[0]}")
         elif override.value_type == ValueType.ELEMENT:
             value = override.value()
             picked = value if isinstance(value, list) else [value]
+            picks.append(override.input_line)
         else:  # glob and range sweeps: Hydra expands them against the group itself
             continue
         options = sorted(str(f.relative_to(group).with_suffix("")) for f in group.rglob("*.yaml"))
         for choice in picked:
             if isinstance(choice, str) and choice not in options:
-                raise ConfigError(f"{override.key_or_group}={choice!r} is not valid; valid: {', '.join(options)}")
+                raise ConfigError(f"{name}={choice!r} is not valid; valid: {', '.join(options)}")
+    if not keys:
+        return
+    try:
+        with initialize_config_dir(config_dir=str(pathlib.Path(config_dir).absolute()), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=picks)
+    except HydraException:
+        return
+    for override in keys:
+        path, node, found = override.key_or_group.split("."), cfg, 0
+        while found < len(path) and OmegaConf.is_dict(node) and path[found] in node.keys():  # keys(): `???` ones too
+            node = OmegaConf.select(node, path[found], throw_on_resolution_failure=False)
+            found += 1
+        if found == len(path) or OmegaConf.is_list(node):  # into a list: Hydra's to check
+            continue
+        parent = path[:found] if OmegaConf.is_dict(node) else path[:found - 1]  # `seed.x`: below a value
+        node = OmegaConf.select(cfg, ".".join(parent)) if parent else cfg
+        valid = ", ".join(".".join([*parent, str(k)]) for k in sorted(node.keys()) if k != "hydra")
+        config = f"the config with {' '.join(picks)}" if picks else "the config"  # a sweep's: its first job's
+        raise ConfigError(f"{override.input_line} is not valid: {config} has no {'.'.join(path)}; valid: {valid}")
 
 
 def check_data(data: DictConfig) -> None:

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import run_lock
 from .batch_stats import BatchStatsRecorder, lag_layers, select_layers
 from .compile import compile_model
-from .config import CONFIG_DIR, ConfigError, check_group_choices, model_kwargs, sgd_batch, validate
+from .config import CONFIG_DIR, ConfigError, check_overrides, model_kwargs, sgd_batch, validate
 from .data import DatasetError, build_loaders
 from .distributed import (
     DistInfo,
@@ -302,8 +302,8 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    try:  # a mistyped group option (norm=batchnorm) is one line, before Hydra composes anything
-        check_group_choices(sys.argv[1:], CONFIG_DIR)
+    try:  # a mistyped group option or key (norm=batchnorm, schedule.epoch=2): one line, before Hydra composes
+        check_overrides(sys.argv[1:], CONFIG_DIR)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
