@@ -17,6 +17,30 @@ def load_script(name: str):
     return module
 
 
+def run_script_here(name: str, *args) -> "subprocess.CompletedProcess":
+    """scripts/<name>.py run with `args` in this process, as a finished process: its exit status, stdout and stderr.
+    For refusals, which exit before any work: a new process spends 3-4 s importing torch (the runs that do the
+    work go through a subprocess)."""
+    import contextlib
+    import io
+    import subprocess
+    import sys
+    from unittest import mock
+
+    main = load_script(name).main
+    out, err = io.StringIO(), io.StringIO()
+    with mock.patch.object(sys, "argv", [str(ROOT / "scripts" / f"{name}.py"), *map(str, args)]), \
+            contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main()
+        except SystemExit as exit_:
+            code = exit_.code
+    if isinstance(code, str):  # SystemExit("error: ..."): the interpreter prints it and exits 1
+        err.write(code + "\n")
+        code = 1
+    return subprocess.CompletedProcess([name, *map(str, args)], code or 0, out.getvalue(), err.getvalue())
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -19,7 +19,7 @@ from mabn.data.folder import SeededImageFolder, class_names, collate_skipping_un
 from mabn.data.index import FileIndex, load_index
 from mabn.data.transforms import Augmentation, torchvision_transform
 
-from .conftest import ROOT, load_script
+from .conftest import ROOT, run_script_here
 
 LOADERS = ["torchvision", "dali"]
 
@@ -239,24 +239,6 @@ def _run_script(*args):
     return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
-def _refused(script, *args):
-    """A script's refusal, in this process: what it exits with and prints before any work, without the 3-4 s
-    a new process spends importing torch (the runs that do the work go through `_run_script`)."""
-    import contextlib
-    import io
-    from unittest import mock
-
-    main = load_script(pathlib.Path(script).stem).main
-    out, err = io.StringIO(), io.StringIO()
-    with mock.patch.object(sys, "argv", [str(script), *map(str, args)]), contextlib.redirect_stdout(out), \
-            contextlib.redirect_stderr(err):
-        try:
-            code = main()
-        except SystemExit as exit_:
-            code = exit_.code
-    return subprocess.CompletedProcess(script, code, out.getvalue(), err.getvalue())
-
-
 def test_prepare_imagenet_from_loc_csv(tmp_path):
     flat, wnids = _flat_val(tmp_path)
     csv_path = tmp_path / "LOC_val_solution.csv"
@@ -311,7 +293,7 @@ def test_prepare_imagenet_names_a_labels_file_it_cannot_read(tmp_path):
             reader(*(tmp_path / f for f in files))
     flat, _ = _flat_val(tmp_path)
     for flags in (("--loc-csv", "wrong.csv", "--link"), ("--loc-csv", "wrong.csv", "--ground-truth", "gt.txt")):
-        done = _refused(ROOT / "scripts" / "prepare_imagenet.py", "--val-dir", flat, *flags)
+        done = run_script_here("prepare_imagenet", "--val-dir", flat, *flags)
         assert done.returncode == 2 and ("--link needs --out" in done.stderr or "not both" in done.stderr), done.stderr
     # --val-dir not a folder, --out below a file: OSError's bare text, --out's after the progress bar had started
     (tmp_path / "good.csv").write_text("ImageId,PredictionString\n" + "".join(
@@ -319,7 +301,7 @@ def test_prepare_imagenet_names_a_labels_file_it_cannot_read(tmp_path):
     for flags, message in ((("--val-dir", tmp_path / "good.csv"), "error: --val-dir=.* is not a folder; valid: "),
                            (("--val-dir", flat, "--out", tmp_path / "good.csv" / "sorted"),
                             r"error: --out=.* is not valid: .*good.csv is not a directory; give a folder")):
-        done = _refused(ROOT / "scripts" / "prepare_imagenet.py", "--loc-csv", tmp_path / "good.csv", *flags)
+        done = run_script_here("prepare_imagenet", "--loc-csv", tmp_path / "good.csv", *flags)
         assert done.returncode == 2 and re.fullmatch(message + ".*\n", done.stderr), done.stderr
     assert len(list(flat.glob("*.JPEG"))) == 6
 
@@ -370,7 +352,7 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
     for flags, message in ((["--class-list", tmp_path / "empty.txt"], "the class list names no classes"),
                            (["--class-list", tmp_path / "none.txt"], "No such file or directory"),
                            (["--class-list", full_jpeg], "cannot be read (UnicodeDecodeError")):  # a traceback
-        done = _refused(ROOT / "scripts" / "make_subset.py", "--src", tiny_shapes, "--dst", tmp_path / "new", *flags)
+        done = run_script_here("make_subset", "--src", tiny_shapes, "--dst", tmp_path / "new", *flags)
         assert done.returncode == 2 and done.stderr.startswith("error: ") and message in done.stderr, done.stderr
     assert not (tmp_path / "new").exists()
 
@@ -390,11 +372,11 @@ def test_make_subset_and_verify_dataset(tiny_shapes, tmp_path):
                           ((tmp_path / "empty",), f"{tmp_path / 'empty'} holds no image files"),  # was 0 unreadable
                           ((tmp_path / "sub", "--out", listed / "x"),  # mkdir's traceback, after the decoding
                            f"--out {listed / 'x'} cannot be written: {listed} is not a directory")):
-        done = _refused(ROOT / "scripts" / "verify_dataset.py", *args)
+        done = run_script_here("verify_dataset", *args)
         assert done.returncode == 2 and done.stderr.startswith(f"error: {message}"), done.stderr
     # resize_dataset's --dst at or below a file: OSError's bare text
     for dst in (listed, listed / "small"):
-        done = _refused(ROOT / "scripts" / "resize_dataset.py", "--src", tmp_path / "sub", "--dst", dst,
+        done = run_script_here("resize_dataset", "--src", tmp_path / "sub", "--dst", dst,
                         "--short-side", 8, "--workers", 1)
         assert done.returncode == 2 and done.stderr == (f"error: --dst {dst} cannot be written: {listed} is not a "
                                                         "directory; valid: a new or empty folder\n"), done.stderr

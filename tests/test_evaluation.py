@@ -15,7 +15,7 @@ from mabn.data.transforms import Augmentation, torchvision_transform
 from mabn.evaluation import EvalSettings, evaluate_checkpoint, newest_run
 from mabn.models.trained import RunError, checkpoint_of, load_trained
 
-from .conftest import ROOT
+from .conftest import ROOT, run_script_here
 
 QUIET = dict(workers=0, progress=False, device="cpu")
 
@@ -131,15 +131,20 @@ def test_bad_settings_name_the_value_and_what_is_valid(mabn_run, settings, messa
         evaluate_checkpoint(mabn_run, EvalSettings(**{**QUIET, **settings}))
 
 
+def _evaluate_refused(*args):
+    """`_evaluate` where the script refuses before any work, in this process."""
+    return run_script_here("evaluate", *args, "--no-progress", "--workers", "0")
+
+
 def test_a_missing_run_or_a_directory_as_out_is_one_error_line_and_writes_nothing(mabn_run, tmp_path):
-    done = _evaluate(tmp_path / "nope")
+    done = _evaluate_refused(tmp_path / "nope")
     assert done.returncode == 2 and done.stderr == f"error: {tmp_path / 'nope'} does not exist; pass a run dir of " \
         "`python -m mabn.train` or one of its checkpoints/*.pt\n"
-    done = _evaluate(mabn_run, "--out", tmp_path)
+    done = _evaluate_refused(mabn_run, "--out", tmp_path)
     assert done.returncode == 2 and "is a directory" in done.stderr and os.listdir(tmp_path) == []
     step = sorted((mabn_run / "checkpoints").glob("step-*.pt"))[-1]
     size = step.stat().st_size
-    done = _evaluate(mabn_run, "--out", step)  # the JSON would replace a checkpoint of the run
+    done = _evaluate_refused(mabn_run, "--out", step)  # the JSON would replace a checkpoint of the run
     assert done.returncode == 2 and done.stderr.startswith(f"error: --out {step} is in the run's checkpoints folder")
     assert step.stat().st_size == size
 

@@ -11,7 +11,7 @@ from mabn.models import ExportError, export_backbone, load_backbone
 from mabn.models.trained import checkpoint_of, load_trained
 from mabn.norms import CenConv2d, MABN2d
 
-from .conftest import ROOT, finished_run
+from .conftest import ROOT, finished_run, run_script_here
 
 
 def _export(run_dir, out, *flags):
@@ -43,17 +43,22 @@ def test_exported_backbone_is_the_trained_network_in_torchvision_and_feeds_an_fp
     assert set(features) == {"0", "1", "2", "3", "pool"} and all(torch.isfinite(f).all() for f in features.values())
 
 
+def _export_refused(run_dir, out, *flags):
+    """`_export` where the script refuses before any work, in this process."""
+    return run_script_here("export_backbone", run_dir, "--out", out, *flags)
+
+
 def test_export_errors_are_one_line(mabn_run, tmp_path):
-    done = _export(tmp_path, tmp_path / "x.pt")
+    done = _export_refused(tmp_path, tmp_path / "x.pt")
     assert done.returncode == 2 and done.stderr.startswith("error: ") and "has no checkpoints" in done.stderr
     assert not (tmp_path / "x.pt").exists()
-    done = _export(mabn_run, tmp_path)
+    done = _export_refused(mabn_run, tmp_path)
     assert done.returncode == 2 and done.stderr == f"error: --out {tmp_path} is a directory; valid: a file path such " \
         f"as {tmp_path / 'backbone.pt'}\n"
     best = mabn_run / "checkpoints" / "best.pt"
     before = sorted((p.name, p.stat().st_ino) for p in best.parent.iterdir())
     for out in (best, best.parent / "backbone.pt"):  # would replace the checkpoint it reads, or sit among them
-        done = _export(mabn_run, out)
+        done = _export_refused(mabn_run, out)
         assert done.returncode == 2 and "is in the run's checkpoints folder" in done.stderr, done.stderr
         assert sorted((p.name, p.stat().st_ino) for p in best.parent.iterdir()) == before
     (tmp_path / "junk.pt").write_bytes(b"not a file")

@@ -1,12 +1,11 @@
 """scripts/fake_imagenet.py: an ImageNet-layout tree of links that every loader reads as real JPEGs."""
 import subprocess
 import sys
-from pathlib import Path
 
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-ROOT = Path(__file__).resolve().parents[1]
+from .conftest import ROOT, run_script_here
 
 
 def _fake(*args):
@@ -34,6 +33,6 @@ def test_a_dst_that_is_not_a_new_folder_is_one_error_line(tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x\n")
     for dst in (afile, afile / "below", tmp_path / "full"):  # the first two were NotADirectoryError's traceback
-        out = _fake("--dst", dst, "--classes", 1, "--train-per-class", 1, "--val-per-class", 1)
+        out = run_script_here("fake_imagenet", "--dst", dst, "--classes", 1, "--train-per-class", 1, "--val-per-class", 1)
         assert out.returncode == 2 and out.stderr.startswith(f"error: --dst='{dst}'") and out.stderr.count("\n") == 1
     assert afile.read_text() == "not a folder\n" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "full"]
