@@ -188,7 +188,16 @@ def test_slurm_launcher_config_composes():
     assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 2, 8, 8)
 
 
-BAD_VALUES = {  # override -> what the one error line must say
+BAD_VALUES = {  # override -> what the one error line must say (tests/test_reliability.py: the line, end to end)
+    "data.batch_per_gpu=0": "data.batch_per_gpu=0 must be a positive integer",
+    "data.batch_per_gpu=8 norm.norm_batch=3": "norm.norm_batch=3 does not divide data.batch_per_gpu=8; valid: [1, 2, 4, 8]",
+    "norm=gn norm.norm_batch=2": "norm 'gn' has no normalization batch",
+    "train.grad_accum=0": "train.grad_accum=0 must be a positive integer",
+    "data.batch_per_gpu=8 train.total_batch=256": "train.total_batch=256 but data.batch_per_gpu=8 x 1 processes x "
+                                                  "train.grad_accum=1 = 8; train.grad_accum=32 gives it on 1 processes",
+    "data.loader=ffcv": "data.loader='ffcv' is not valid; valid: torchvision, dali",
+    "data.input_format=rgb": "data.input_format='rgb' is not valid",
+    "schedule.policy=linear": "schedule.policy='linear' is not valid; valid: multistep, cosine",
     "norm=mabn norm.options.window=0": "window=0 is not valid; valid: an integer >= 1",
     "norm=mabn norm.options.warmup=-5": "norm.options.warmup=-5 is not valid",
     "norm=mabn norm.options.momentum=1.5": "momentum=1.5 is not valid; valid: a number in [0, 1]",

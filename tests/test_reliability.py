@@ -300,14 +300,6 @@ def _bad_inputs(tmp_path, shapes):
         return tmp_path / "a_file" / "shapes"
 
     return {
-        "batch_zero": (["data.batch_per_gpu=0"], None, "data.batch_per_gpu=0 must be a positive integer"),
-        "norm_batch_not_dividing": (["norm.norm_batch=3"], None, "norm.norm_batch=3 does not divide data.batch_per_gpu=8; valid: [1, 2, 4, 8]"),
-        "norm_batch_for_gn": (["norm=gn", "norm.norm_batch=2"], None, "norm 'gn' has no normalization batch"),
-        "grad_accum_zero": (["train.grad_accum=0"], None, "train.grad_accum=0 must be a positive integer"),
-        "total_batch_mismatch": (["train.total_batch=256"], None, "train.total_batch=256 but data.batch_per_gpu=8 x 1 processes x train.grad_accum=1 = 8; train.grad_accum=32 gives it on 1 processes"),
-        "unknown_loader": (["data.loader=ffcv"], None, "data.loader='ffcv' is not valid; valid: torchvision, dali"),
-        "unknown_input_format": (["data.input_format=rgb"], None, "data.input_format='rgb' is not valid"),
-        "unknown_lr_policy": (["schedule.policy=linear"], None, "schedule.policy='linear' is not valid; valid: multistep, cosine"),
         "missing_data_root": (["data.root=/nonexistent/imagenet"], None, "data.root='/nonexistent/imagenet' does not exist"),
         "no_val_folder": ([], no_val, "has no val/ folder"),
         "empty_class_folder": ([], empty_class, "n90000003 holds no images"),
