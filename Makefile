@@ -26,8 +26,12 @@ SWEEP_ARGS ?= schedule.epochs=2
 BENCH_ARGS ?=
 
 # Hydra takes -m/--multirun before the overrides only (`make train NORM=bn ARGS="-m seed=0,1"`)
+# OUTPUTS given (command line or environment) is where runs are written, as for repro, table, eval and tensorboard;
+# left out, output_root stays the config's (configs/local/ may set it).
+OUTPUT_ROOT := $(if $(filter command environment,$(origin OUTPUTS)),output_root=$(OUTPUTS))
 OVERRIDES := $(filter -m --multirun,$(ARGS)) $(if $(EXP),experiment=$(EXP)) $(if $(NORM),norm=$(NORM)) \
-             $(if $(BS),data.batch_per_gpu=$(BS)) $(if $(RESUME),train.resume=$(RESUME)) $(filter-out -m --multirun,$(ARGS))
+             $(if $(BS),data.batch_per_gpu=$(BS)) $(if $(RESUME),train.resume=$(RESUME)) $(OUTPUT_ROOT) \
+             $(filter-out -m --multirun,$(ARGS))
 LAUNCHER := $(PY) scripts/launch.py --nodes $(NODES) --node-rank $(NODE_RANK) \
             --master-addr $(MASTER_ADDR) --master-port $(MASTER_PORT)
 ifneq ($(PROCS),)
@@ -42,9 +46,9 @@ endif
 .PHONY: help install train eval sweep table plot repro repro-report test test-slow bench gpu-check gpu-wheels test-gpu-torch tensorboard data clean-venv
 
 help:
-	@echo "make train [NORM=bn|syncbn|gn|ln|in|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [ARGS='k=v ...']"
+	@echo "make train [NORM=bn|syncbn|gn|ln|in|brn|mabn] [BS=32] [EXP=paper_table_bs2] [GPUS=8|PROCS=2] [RESUME=path] [OUTPUTS=outputs] [ARGS='k=v ...']"
 	@echo "make eval [RUN=outputs/train/<run>] [ARGS='--fold --crop-size 224 --root dir --out f.json']   score a checkpoint (default: the newest run)"
-	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...]   Hydra multirun over norm x batch"
+	@echo "make sweep [NORMS=bn,brn,gn,mabn] [BATCHES=2,32] [SWEEP_ARGS=...] [OUTPUTS=outputs]   Hydra multirun over norm x batch"
 	@echo "make table | make plot     results.md/.csv, figure.md, runs.md and the error-vs-batch plot of every run under outputs/"
 	@echo "make repro [REPRO_SEEDS=0,1] [REPRO_LANES=2] [REPRO_ONLY=figure,real_b2,ablations,proposal,third]   the paper's comparison on Imagenette"
 	@echo "make test [TEST_WORKERS=2] | make test-slow | make bench | make tensorboard [OUTPUTS=outputs] [ARGS='--port 6007 --bind_all']"
@@ -66,7 +70,7 @@ eval: $(INSTALLED)
 	$(PY) scripts/evaluate.py $(RUN) --outputs $(OUTPUTS) $(ARGS)
 
 sweep: $(INSTALLED)
-	$(PY) -m mabn.train --multirun norm=$(NORMS) data.batch_per_gpu=$(BATCHES) $(SWEEP_ARGS) $(ARGS)
+	$(PY) -m mabn.train --multirun norm=$(NORMS) data.batch_per_gpu=$(BATCHES) $(OUTPUT_ROOT) $(SWEEP_ARGS) $(ARGS)
 	$(PY) scripts/results_table.py $(OUTPUTS)/train
 	$(PY) scripts/plot_results.py error-vs-batch $(OUTPUTS)/train --out $(OUTPUTS)/train/error_vs_batch.png
 

@@ -126,6 +126,19 @@ def test_makefile_variables_reach_the_config():
     assert cfg.norm.name == "brn" and cfg.norm.norm_batch == 2 and cfg.train.resume == "never"
 
 
+def test_make_train_and_sweep_write_under_outputs_when_it_is_given():
+    """`make sweep OUTPUTS=dir` trained into ./outputs and then tabled dir/train; make train ignored it too."""
+    assert OmegaConf.create(_make_config("OUTPUTS=/data/runs")).output_root == "/data/runs"
+    assert OmegaConf.create(_make_config()).output_root == "outputs"  # the config's own (configs/local/ may set it)
+    out = subprocess.run(["make", "-n", "--no-print-directory", "train", "OUTPUTS=/data/runs", "ARGS=output_root=/x"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.splitlines()[-1].endswith("output_root=/data/runs output_root=/x")  # ARGS come last: they win
+    out = subprocess.run(["make", "-n", "--no-print-directory", "sweep", "OUTPUTS=/data/runs"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    train, table = [line for line in out.stdout.splitlines() if "mabn.train" in line or "results_table" in line]
+    assert " output_root=/data/runs " in train and table.endswith("results_table.py /data/runs/train")
+
+
 def test_make_tensorboard_reads_the_output_root_that_training_wrote():
     # it read ./outputs whatever OUTPUTS said, unlike table, plot, eval and repro
     out = subprocess.run(["make", "-n", "--no-print-directory", "tensorboard", "OUTPUTS=/data/runs", "ARGS=--port 6007"],
