@@ -53,12 +53,6 @@ def main() -> None:
         fail(f"MASTER_ADDR={args.master_addr!r} is not valid; valid: the host name or IP address of node rank 0")
     if not 1 <= args.master_port <= 65535:  # 99999 was a traceback from the port check; 0 has no meaning across nodes
         fail(f"MASTER_PORT={args.master_port} is not valid; valid: a TCP port in 1-65535 (default 29500)")
-    from mabn.config import CONFIG_DIR, ConfigError, check_overrides
-
-    try:  # here, not once in every rank
-        check_overrides(overrides, CONFIG_DIR)
-    except ConfigError as err:
-        fail(str(err))
     if args.cpu:
         overrides = ["train.device=cpu", *overrides]
     else:
@@ -75,6 +69,12 @@ def main() -> None:
     overrides = flags + [o for o in overrides if o not in flags]
     if args.node_rank == 0:
         check_master(args.master_addr, args.master_port)
+    from mabn.config import CONFIG_DIR, ConfigError, check_overrides  # torch's import: after the quick checks
+
+    try:  # here, not once in every rank
+        check_overrides(overrides, CONFIG_DIR)
+    except ConfigError as err:
+        fail(str(err))
     command = [
         sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nodes}", f"--node_rank={args.node_rank}",
         f"--nproc_per_node={args.gpus}", f"--master_addr={args.master_addr}", f"--master_port={args.master_port}",

@@ -148,7 +148,7 @@ def check_overrides(argv: list, config_dir: str) -> None:
     try:
         with initialize_config_dir(config_dir=str(pathlib.Path(config_dir).absolute()), version_base="1.3"):
             cfg = compose(config_name="train", overrides=picks)
-    except HydraException:
+    except Exception:  # whatever stops composing here stops Hydra's run too, which reports it
         return
     for override in keys:
         path, node, found = override.key_or_group.split("."), cfg, 0
