@@ -15,6 +15,9 @@ def test_gpu_check_dry_run_passes_every_section(tmp_path):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert len(report["summary"]) == 13 and all(row[1] == "ok" for row in report["summary"])
     assert report["training"]["bitwise_resume"] is True
+    # the step table's compiled rows, compiled beforehand in children (bn and mabn, by one step each)
+    assert set(report["warm_compile"]) == {f"{norm}:{n}:reduce-overhead" for norm in ("bn", "mabn") for n in (32, 2)}
+    assert all(row["seconds"] > 0 for row in report["warm_compile"].values())
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     assert done.stdout.rstrip().endswith("|")  # the summary table comes last
 
@@ -72,12 +75,7 @@ def test_a_compile_mode_that_failed_the_probe_is_timed_in_the_default_mode_and_a
 def test_the_compiled_rows_are_compiled_beforehand_in_children_and_one_that_crashed_there_is_not_run(monkeypatch):
     from scripts import gpu_check
 
-    check = gpu_check.Check("cpu", dry=True, compile_steps=((2, "default"),))
-    gpu_check.start_warm_compiles(check)  # the real children: bn and mabn at N = 2, compiled by one step
-    assert set(check.warm) == {"bn:2:default", "mabn:2:default"}
-    gpu_check.finish_warm_compiles(check)
-    assert not check.warm and all(r["seconds"] > 0 for r in check.numbers["warm_compile"].values())
-
+    check = gpu_check.Check("cpu", dry=True, compile_steps=((2, "default"),))  # the real children: the dry run's
     # a child killed by a signal while compiling: its row is not run in the check's own process; a child still
     # compiling when the wait ends is stopped, and its row compiles in the check's process
     children = {"mabn:2:default": "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
