@@ -9,14 +9,15 @@ from .conftest import ROOT
 
 
 def test_gpu_check_dry_run_passes_every_section(tmp_path):
-    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    # compiled rows at one N (the other's are the same code): two compiling children fewer on CI's two cores
+    done = subprocess.run([sys.executable, "scripts/gpu_check.py", "--dry-run", "--out", str(tmp_path),
+                           "--compile-steps", "2:reduce-overhead"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert len(report["summary"]) == 13 and all(row[1] == "ok" for row in report["summary"])
     assert report["training"]["bitwise_resume"] is True
     # the step table's compiled rows, compiled beforehand in children (bn and mabn, by one step each)
-    assert set(report["warm_compile"]) == {f"{norm}:{n}:reduce-overhead" for norm in ("bn", "mabn") for n in (32, 2)}
+    assert set(report["warm_compile"]) == {"bn:2:reduce-overhead", "mabn:2:reduce-overhead"}
     assert all(row["seconds"] > 0 for row in report["warm_compile"].values())
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     assert done.stdout.rstrip().endswith("|")  # the summary table comes last
