@@ -25,10 +25,10 @@ BATCHES ?= 2,32
 SWEEP_ARGS ?= schedule.epochs=2
 BENCH_ARGS ?=
 
-# Hydra takes -m/--multirun before the overrides only (`make train NORM=bn ARGS="-m seed=0,1"`)
 # OUTPUTS given (command line or environment) is where runs are written, as for repro, table, eval and tensorboard;
 # left out, output_root stays the config's (configs/local/ may set it).
 OUTPUT_ROOT := $(if $(filter command environment,$(origin OUTPUTS)),output_root=$(OUTPUTS))
+# Hydra takes -m/--multirun before the overrides only (`make train NORM=bn ARGS="-m seed=0,1"`)
 OVERRIDES := $(filter -m --multirun,$(ARGS)) $(if $(EXP),experiment=$(EXP)) $(if $(NORM),norm=$(NORM)) \
              $(if $(BS),data.batch_per_gpu=$(BS)) $(if $(RESUME),train.resume=$(RESUME)) $(OUTPUT_ROOT) \
              $(filter-out -m --multirun,$(ARGS))
