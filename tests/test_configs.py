@@ -185,6 +185,10 @@ def test_unknown_group_option_lists_the_valid_ones():
                                                       "norm.options.window; valid: norm.options.eps, norm.options.momentum"),
     (["sched.epochs=2"], "sched.epochs=2 is not valid: the config has no sched.epochs; valid: data, model, norm, optim,"),
     (["seed.x=1"], "seed.x=1 is not valid: the config has no seed.x; valid: data, model,"),
+    # Hydra's grammar: its 3 lines with a link, and a hint at HYDRA_FULL_ERROR
+    (["schedule.epochs", "2"], "'schedule.epochs' is not an override (missing EQUAL at '<EOF>'); valid: key=value, "
+                               "group=option, +key=value or ~key"),
+    (["-m", "seed=0,1", "norm=bn,"], "'norm=bn,' is not an override (mismatched input '<EOF>' expecting"),
 ])
 def test_group_options_and_keys_are_checked_before_hydra_composes(argv, refused):
     if refused is None:

@@ -101,25 +101,33 @@ def check_overrides(argv: list, config_dir: str) -> None:
     """Raise ConfigError when a command-line override names what the config does not have, before Hydra composes
     anything: a group option with no file (`norm=batchnorm`, `experiment=nope`, a sweep's `norm=bn,foo`) or a key
     (`schedule.epoch=2`). Hydra's own reports are 6 to 15 lines, exit 1, a sweep's came twice, and for a key they
-    advise `+schedule.epoch=2`, which adds a setting nothing reads. Hydra's parsers read the command line; what they
-    cannot read, groups from plugins (hydra/*), `+`/`++` additions and hydra.* keys are left to Hydra."""
+    advise `+schedule.epoch=2`, which adds a setting nothing reads; and an override Hydra's grammar cannot read
+    (`schedule.epochs 2`). Hydra's own parsers read the command line; a command line its argument parser refuses,
+    groups from plugins (hydra/*), `+`/`++` additions and hydra.* keys are left to Hydra."""
     import argparse
 
     from hydra import compose, initialize_config_dir
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType, ValueType
-    from hydra.errors import HydraException
+    from hydra.errors import OverrideParseException
 
     parser = get_args_parser()
     parser.exit_on_error = False
     try:
         args, rest = parser.parse_known_args(argv)
-        overrides = OverridesParser.create().parse_overrides([*args.overrides, *(a for a in rest if "=" in a)])
-    except (argparse.ArgumentError, HydraException):
+    except argparse.ArgumentError:
         return
     if args.config_name or args.config_path or args.config_dir:
         return
+    overrides = []
+    for text in [*args.overrides, *(a for a in rest if not a.startswith("-"))]:
+        try:
+            overrides += OverridesParser.create().parse_overrides([text])
+        except OverrideParseException as err:  # `ARGS="schedule.epochs 2"`: Hydra's 3 lines and a traceback hint
+            why = [line for line in str(err).splitlines() if not line.startswith(("Error parsing", "See http"))][:1]
+            raise ConfigError(f"{text!r} is not an override ({why[0].strip() if why else 'unreadable'}); valid: "
+                              "key=value, group=option, +key=value or ~key (Hydra's override grammar)") from None
     picks, keys = [], []  # the groups as the first job picks them (to compose its config), the keys to look up
     for override in overrides:
         name = override.key_or_group
