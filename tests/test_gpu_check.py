@@ -76,7 +76,8 @@ def test_a_compile_mode_that_failed_the_probe_is_timed_in_the_default_mode_and_a
 def test_the_compiled_rows_are_compiled_beforehand_in_children_and_one_that_crashed_there_is_not_run(monkeypatch):
     from scripts import gpu_check
 
-    check = gpu_check.Check("cpu", dry=True, compile_steps=((2, "default"),))  # the real children: the dry run's
+    # the real children compile in the dry run (its test asserts their rows); here, children that fail
+    check = gpu_check.Check("cpu", dry=True, compile_steps=((2, "default"),))
     # a child killed by a signal while compiling: its row is not run in the check's own process; a child still
     # compiling when the wait ends is stopped, and its row compiles in the check's process
     children = {"mabn:2:default": "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)",
@@ -85,6 +86,7 @@ def test_the_compiled_rows_are_compiled_beforehand_in_children_and_one_that_cras
         check.warm[key] = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     monkeypatch.setattr(gpu_check, "WARM_TIMEOUT_S", 2)
     gpu_check.finish_warm_compiles(check)
+    assert not check.warm
     assert check.numbers["warm_compile"]["mabn:2:default"] == {"crashed": True, "error": "signal 11"}
     assert check.numbers["warm_compile"]["bn:2:default"] == {"error": "still compiling after 2 s more, stopped"}
     text = gpu_check.step_speed(check)

@@ -120,10 +120,10 @@ def check_overrides(argv: list, config_dir: str) -> None:
         return
     if args.config_name or args.config_path or args.config_dir:
         return
-    overrides = []
-    for text in [*args.overrides, *(a for a in rest if not a.startswith("-"))]:
+    grammar, overrides = OverridesParser.create(), []
+    for text in [*args.overrides, *(a for a in rest if not a.startswith("-"))]:  # one at a time: the error names it
         try:
-            overrides += OverridesParser.create().parse_overrides([text])
+            overrides += grammar.parse_overrides([text])
         except OverrideParseException as err:  # `ARGS="schedule.epochs 2"`: Hydra's 3 lines and a traceback hint
             why = [line for line in str(err).splitlines() if not line.startswith(("Error parsing", "See http"))][:1]
             raise ConfigError(f"{text!r} is not an override ({why[0].strip() if why else 'unreadable'}); valid: "
