@@ -46,7 +46,10 @@ def error_lines(runs) -> dict:
 
 
 def error_vs_batch(roots, out, paper: bool, with_tags: bool = False) -> None:
-    finished = [r for r in find_runs(*roots) if r.finished]
+    try:
+        finished = [r for r in find_runs(*roots) if r.finished]
+    except ValueError as err:
+        sys.exit(f"error: {err}")
     runs = [r for r in finished if with_tags or not r.tag]
     if not runs and finished:  # all tagged: "no finished runs" sent one looking for a training problem
         tags = sorted({r.tag for r in finished})

@@ -21,7 +21,11 @@ def main() -> int:
         print(f"error: --out {args.out} is a file; valid: a folder for results.md, results.csv, runs.md and figure.md",
               file=sys.stderr)
         return 2
-    runs = find_runs(*args.roots)
+    try:
+        runs = find_runs(*args.roots)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if not runs:
         print(f"error: no run dirs (metrics.jsonl + .hydra/config.yaml) under {', '.join(args.roots)}", file=sys.stderr)
         return 2
@@ -36,7 +40,7 @@ def main() -> int:
     (out / "figure.md").write_text(figure)
     print(markdown)
     print(figure)
-    print(f"({len(runs)} runs; written to {out / 'results.md'}, {out / 'results.csv'}, {out / 'runs.md'} and "
+    print(f"({len(runs)} run{'' if len(runs) == 1 else 's'}; written to {out / 'results.md'}, {out / 'results.csv'}, {out / 'runs.md'} and "
           f"{out / 'figure.md'})", file=sys.stderr)
     return 0
 

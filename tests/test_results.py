@@ -9,7 +9,7 @@ import pytest
 
 from mabn.results import figure_markdown, find_runs, group_runs, paper_top1_err, to_markdown
 
-from .conftest import ROOT, load_script, train_command
+from .conftest import ROOT, load_script, run_script_here, train_command
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,23 @@ def test_an_out_the_scripts_cannot_write_is_one_error_line_before_any_run_is_rea
     assert done.returncode == 2 and done.stderr == f"error: --out {tmp_path / 'results.md'} is a file; valid: a " \
         "folder for results.md, results.csv, runs.md and figure.md\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.md"]
+
+
+def test_a_root_that_does_not_exist_is_an_error_not_a_smaller_table(sweep_dir, tmp_path, monkeypatch):
+    """`results_table.py outputs/repro outputs/rerun` with the second mistyped tabled the first alone, as if the
+    reruns had never been made; the plot drew the same smaller figure."""
+    typo = tmp_path / "repor"
+    done = run_script_here("results_table", sweep_dir, typo, "--out", tmp_path / "table")
+    assert done.returncode == 2 and done.stderr == f"error: {typo} does not exist; valid: folders holding run dirs " \
+        "(e.g. outputs/train)\n"
+    assert not (tmp_path / "table").exists()
+    with pytest.raises(SystemExit, match=f"^error: {typo}, {tmp_path / 'x'} do not exist; valid: "):
+        _main(load_script("plot_results"), monkeypatch, "error-vs-batch", sweep_dir, typo, tmp_path / "x",
+              "--out", tmp_path / "evb.png")
+    assert not (tmp_path / "evb.png").exists()
+    one = next(run for run in sorted((sweep_dir / "train").iterdir()) if (run / "metrics.jsonl").exists())
+    done = run_script_here("results_table", one, "--out", tmp_path / "table")
+    assert done.returncode == 0 and done.stderr.startswith("(1 run; written to ")
 
 
 def test_a_line_cut_short_by_a_kill_is_left_out_by_every_reader(tmp_path):

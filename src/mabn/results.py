@@ -114,7 +114,12 @@ def mixed_settings(runs: list[Run]) -> dict[str, list]:
 
 
 def find_runs(*roots: str | pathlib.Path) -> list[Run]:
-    """Every run dir (a metrics.jsonl beside .hydra/config.yaml) under the roots, single runs and sweeps alike."""
+    """Every run dir (a metrics.jsonl beside .hydra/config.yaml) under the roots, single runs and sweeps alike.
+    A root that does not exist is a ValueError, not an empty folder: a mistyped one of several roots would
+    otherwise leave its runs out of the table without a word."""
+    missing = [str(root) for root in roots if not pathlib.Path(root).exists()]
+    if missing:
+        raise ValueError(f"{', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist; valid: folders holding run dirs (e.g. outputs/train)")
     runs = []
     for root in roots:
         for metrics in sorted(pathlib.Path(root).rglob("metrics.jsonl")):
@@ -240,7 +245,7 @@ def figure_markdown(rows: list[Row]) -> str:
         paper = [PAPER_FIGURE[norm].get(b) for b in batches]
         lines.append(f"| paper {norm} | " + " | ".join("" if v is None else f"{v:.2f}" for v in paper) + " |")
     data, model, epochs, n = setting
-    note = (f"\nTop-1 val error (%) of {data}, {model}, {epochs} epochs, N = {n} per process, untagged runs: mean ± std "
+    note = (f"\nTop-1 val error (%) of {data}, {model}, {epochs} epoch{'' if epochs == 1 else 's'}, N = {n} per process, untagged runs: mean ± std "
             "(runs: each seed's final error, by seed). `paper`: ResNet-50 on ImageNet, read off the paper's figure "
             "(SPEC §5), for the shape only. Other settings and tagged runs (ablations): results.md.\n")
     return "\n".join(lines) + "\n" + note
