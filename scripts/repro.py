@@ -42,7 +42,7 @@ from hydra.errors import HydraException
 
 from mabn import run_lock
 from mabn.checkpoint import read_records
-from mabn.config import ConfigError, validate
+from mabn.config import CONFIG_DIR, ConfigError, check_overrides, validate
 from mabn.preflight import check_layers, writable_dir_problem
 from mabn.stop import StopSignal
 
@@ -125,6 +125,11 @@ class Plan:
                     validate(cfg)
                     check_layers(cfg)
                 except (HydraException, ConfigError) as err:
+                    if isinstance(err, HydraException):  # name the mistyped option or key, and what is valid there
+                        try:
+                            check_overrides(self.overrides(run), CONFIG_DIR)
+                        except ConfigError as named:
+                            err = named
                     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
                     raise SystemExit(f"error: {' '.join(run + self.extra)}: {first}") from None
                 run_dir = pathlib.Path(str(cfg.output_root)) / str(cfg.task_name) / str(cfg.run_name)

@@ -91,12 +91,24 @@ def test_list_prints_the_plan_and_bad_arguments_are_one_line(tmp_path, monkeypat
                           # an override every run would refuse at its start, or one that does not compose (traceback)
                           (["--only", "real_b2", "train.amp=maybe"], "norm=mabn data.batch_per_gpu=2 train.grad_accum=16 "
                            "seed=0 train.amp=maybe: train.amp='maybe' is not valid; valid: true or false"),
-                          (["nope=1"], "norm=mabn norm.norm_batch=32 seed=0 nope=1: Could not override 'nope'")):
+                          # named as `python -m mabn.train` names them (was Hydra's "Could not override 'nope'"), for
+                          # the run's own groups: warmup is a key of norm=mabn's options, not of norm=bn's
+                          (["nope=1"], "norm=mabn norm.norm_batch=32 seed=0 nope=1: nope=1 is not valid: the config "
+                           "with experiment=imagenette_cpu norm=mabn has no nope; valid: data, model, norm, optim, "),
+                          (["--only", "figure", "--norms", "bn", "norm.options.warmup=100"], "norm=bn norm.norm_batch=32 "
+                           "seed=0 norm.options.warmup=100: norm.options.warmup=100 is not valid: the config with "
+                           "experiment=imagenette_cpu norm=bn has no norm.options.warmup; valid: norm.options.eps, "
+                           "norm.options.momentum"),
+                          (["ablation=nope"], "norm=mabn norm.norm_batch=32 seed=0 ablation=nope: ablation='nope' is not "
+                           "valid; valid: ema, no_centered_conv, no_renorm, sma_backward_only, sma_forward_only, warmup100")):
         monkeypatch.setattr(sys, "argv", ["repro.py", "--list", "--output-root", str(tmp_path), *args])
         with pytest.raises(SystemExit) as stopped:
             repro.main()
         assert str(stopped.value).startswith(f"error: {message}") and "\n" not in str(stopped.value)
     assert not list(tmp_path.iterdir())  # nothing written
+    monkeypatch.setattr(sys, "argv", ["repro.py", "--list", "--output-root", str(tmp_path), "--only", "figure",
+                                      "--norms", "mabn", "--batches", "2", "norm.options.warmup=100"])
+    assert repro.main() == 0  # a key of the runs' own norm group is checked against it
 
 
 def _tiny_runs(tiny_shapes, *overrides):
