@@ -28,7 +28,7 @@ def read_counter(layer: nn.Module, name: str) -> int:
     whatever else writes it (load_state_dict, .to(), a DDP buffer broadcast) replaces it or bumps
     its version, and the next read syncs once.
     """
-    buffer = getattr(layer, name)
+    buffer = layer._buffers[name]  # getattr's generic lookup costs more than the rest of this function
     cached = layer._host_counters.get(name)
     if cached is not None and cached[0] is buffer and cached[1] == buffer._version:
         return cached[2]
@@ -37,7 +37,7 @@ def read_counter(layer: nn.Module, name: str) -> int:
 
 def trust_counter(layer: nn.Module, name: str, value: int) -> int:
     """Record `value` as the host copy of the integer buffer `name` as it is now (see `read_counter`)."""
-    buffer = getattr(layer, name)
+    buffer = layer._buffers[name]
     layer._host_counters[name] = (buffer, buffer._version, value)
     return value
 
