@@ -749,7 +749,9 @@ def step_speed(check: Check) -> str:
                  "device the `first step s` above then loads inductor's caches): "
                  + ", ".join(f"{key} {r['seconds']:.1f}" if "seconds" in r else f"{key} {r['error']}" for key, r in warm.items())
                  + "\n")
-    return text
+    hook_text, hook_numbers = bench_models.compile_hook_table(check.device, check.dry)  # this host's share of a graphed step
+    check.numbers.update(hook_numbers)
+    return text + "\n" + hook_text
 
 
 def bn_throughput(check: Check) -> str:

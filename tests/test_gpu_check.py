@@ -19,6 +19,9 @@ def test_gpu_check_dry_run_passes_every_section(tmp_path):
     # the step table's compiled rows, compiled beforehand in children (bn and mabn, by one step each)
     assert set(report["warm_compile"]) == {"bn:2:reduce-overhead", "mabn:2:reduce-overhead"}
     assert all(row["seconds"] > 0 for row in report["warm_compile"].values())
+    # the host time of train.compile's hooks under CUDA graphs, beside the one copy they make
+    assert report["compile_hooks_us"] > 0 and report["compile_hooks_over_copy"] > 0
+    assert "| compile_model's hooks (with that copy) |" in (tmp_path / "gpu_check.md").read_text()
     assert (tmp_path / "gpu_check.md").read_text().startswith("# GPU check")
     assert done.stdout.rstrip().endswith("|")  # the summary table comes last
 
