@@ -749,6 +749,8 @@ def step_speed(check: Check) -> str:
                  "device the `first step s` above then loads inductor's caches): "
                  + ", ".join(f"{key} {r['seconds']:.1f}" if "seconds" in r else f"{key} {r['error']}" for key, r in warm.items())
                  + "\n")
+    if spent := check.spent():
+        return text + f"\nHost time of `train.compile`'s hooks: skipped, {spent}\n"
     hook_text, hook_numbers = bench_models.compile_hook_table(check.device, check.dry)  # this host's share of a graphed step
     check.numbers.update(hook_numbers)
     return text + "\n" + hook_text

@@ -146,8 +146,11 @@ def test_the_budget_ends_waits_for_children_and_skips_the_sections_not_started()
     assert check.summary[0][1] == "ok" and "stopped: True" in check.sections[0]
     assert check.summary[1][1] == "skipped: the 2 s budget was spent" and "ran" not in check.sections[1]
     # the step table names the N it did not reach instead of timing it
-    rows = [line for line in gpu_check.step_speed(check).splitlines() if "| all | skipped |" in line]
+    table = gpu_check.step_speed(check)
+    rows = [line for line in table.splitlines() if "| all | skipped |" in line]
     assert [row.split("|")[1].strip() for row in rows] == ["32", "2"]
+    assert "Host time of `train.compile`'s hooks: skipped, the 2 s budget was spent" in table
+    assert "compile_hooks_us" not in check.numbers
 
 
 def test_a_spent_budget_still_writes_the_report_prints_the_summary_last_and_leaves_no_child_running(tmp_path):
