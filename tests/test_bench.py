@@ -63,3 +63,19 @@ def test_keep_freed_blocks_stops_training_steps_from_page_faulting_their_memory_
     returned, kept = _page_faults_per_step(False), _page_faults_per_step(True)
     assert returned > 1000, f"expected blocks above the mmap threshold to fault in every step, got {returned}"
     assert kept < returned / 20, f"{kept} page faults per step with the setting, {returned} without"
+
+
+def test_the_hook_table_stands_in_for_the_buffers_a_compiled_mabn_forward_rebinds():
+    """`compile_hook_table` times the hooks with REBOUND's buffers swapped, as if a compiled forward had rebound
+    them; a forward that rebinds others would be timed short. One traced training forward says which."""
+    import torch
+
+    from mabn.compile import compile_model
+    from mabn.norms import MABN2d
+    from scripts.bench.bench_models import REBOUND
+
+    torch._dynamo.reset()
+    layer = MABN2d(4, warmup=0, renorm_start=0).train()
+    before = dict(layer._buffers)
+    compile_model(layer, backend="eager", fullgraph=True)(torch.randn(2, 4, 3, 3, requires_grad=True))
+    assert sorted(name for name, buffer in layer._buffers.items() if buffer is not before[name]) == sorted(REBOUND)
