@@ -71,7 +71,7 @@ def main() -> None:
         check_master(args.master_addr, args.master_port)
     from mabn.config import CONFIG_DIR, ConfigError, check_overrides  # torch's import: after the quick checks
 
-    try:  # here, not once in every rank
+    try:  # one line here, not a report from every rank (each rank checks again: torchrun or srun may start it alone)
         check_overrides(overrides, CONFIG_DIR)
     except ConfigError as err:
         fail(str(err))

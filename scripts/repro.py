@@ -120,7 +120,7 @@ class Plan:
         with self.compose_lock:
             if tuple(run) not in self.composed:
                 try:
-                    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+                    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
                         cfg = compose(config_name="train", overrides=self.overrides(run), return_hydra_config=True)
                     validate(cfg)
                     check_layers(cfg)
@@ -384,8 +384,8 @@ def main() -> int:
         raise SystemExit(f"error: --lanes={args.lanes} is not valid; valid: an integer >= 1")
     if args.threads is not None and args.threads < 1:  # it becomes each lane's OMP_NUM_THREADS
         raise SystemExit(f"error: --threads={args.threads} is not valid; valid: an integer >= 1 (default: cores / lanes)")
-    if not (ROOT / "configs" / "experiment" / f"{args.experiment}.yaml").is_file():
-        valid = sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml"))
+    if not pathlib.Path(CONFIG_DIR, "experiment", f"{args.experiment}.yaml").is_file():
+        valid = sorted(p.stem for p in pathlib.Path(CONFIG_DIR, "experiment").glob("*.yaml"))
         raise SystemExit(f"error: --experiment={args.experiment!r} is not valid; valid: {', '.join(valid)}")
     for flag, folder in (("--output-root", args.output_root), ("--archive", args.archive)):
         check_folder(flag, folder)
