@@ -42,10 +42,19 @@ def _gloo_threads() -> list[str]:
     return [name for name in names if "gloo" in name]
 
 
+def _named_gloo_threads(timeout: float = 10.0) -> list[str]:
+    """`_gloo_threads()` once there are any: torch 2.11's name themselves about 50 ms after init_process_group
+    returns (read at once, 10 of 15 runs there found none)."""
+    deadline = time.monotonic() + timeout
+    while not (names := _gloo_threads()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return names
+
+
 def _dynamo_after_init_worker(rank, world, out):
     import torch._dynamo  # noqa: F401  after init, as a worker that compiles first imports it
 
-    assert _gloo_threads(), "the check below would pass vacuously"
+    assert _named_gloo_threads(), "the check below would pass vacuously"
     with closing_process_group():  # as a run ends (the one around this worker then finds no group)
         pass
     (out / f"threads{rank}.json").write_text(json.dumps(_gloo_threads()))
