@@ -32,6 +32,7 @@ import os
 import pathlib
 import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -236,8 +237,8 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
     (`train.stop_after_epochs=K`) that exits cleanly with K epochs recorded is paused, not failed.
 
     `follow_up(rank, run)`, called after each finished run, returns more ranked runs to queue (third seeds).
-    A stop signal (mabn.stop: SIGTERM, SIGUSR1, SIGUSR2) sent to this driver alone is passed on to the runs in
-    progress, which checkpoint and exit as they do on their own; no lane starts another run."""
+    A stop signal (mabn.stop: Ctrl-C, SIGTERM, SIGUSR1, SIGUSR2) sent to this driver alone is passed on to the
+    runs in progress, which checkpoint and exit as they do on their own; no lane starts another run."""
     todo: queue.PriorityQueue = queue.PriorityQueue()
     queued, failed, lock, trained, paused = set(), [], threading.Lock(), [], set()
     children: dict[int, subprocess.Popen] = {}
@@ -247,9 +248,11 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
         with lock:
             running = list(children.values())
         for child in running:
-            child.send_signal(signum)
+            # Ctrl-C at a terminal reached the runs too (one process group), and a second SIGINT aborts a run.
+            child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    stop = StopSignal(on_signal=pass_on)
+    stop = StopSignal(on_signal=pass_on, announce="Ctrl-C: the runs in progress finish their step, checkpoint and "
+                                                  "exit; Ctrl-C again aborts them at once")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
 

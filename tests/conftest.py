@@ -69,6 +69,15 @@ def train_command(root, out, *overrides):
     ]
 
 
+def at_a_terminal(cmd: list[str]) -> list[str]:
+    """`cmd` (`[sys.executable, ...]`) with Python's own Ctrl-C handling, as when typed at a terminal: a shell
+    script's background job (a CI runner, say) hands its children SIGINT ignored, which they then leave so."""
+    import sys
+
+    return [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+            "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])", *cmd[1:]]
+
+
 def finished_run(root, out, *overrides) -> pathlib.Path:
     """The run dir of a `train_command` run that has finished."""
     import subprocess

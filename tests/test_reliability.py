@@ -15,9 +15,9 @@ import torch
 from mabn import run_lock
 from mabn.checkpoint import CheckpointDir
 from mabn.run_lock import RunDirInUse
-from mabn.stop import shield_loader_worker, stop_signals
+from mabn.stop import StopSignal, shield_loader_worker, stop_signals
 
-from .conftest import train_command
+from .conftest import at_a_terminal, train_command
 
 NORM_SETTINGS = {
     "bn": [],
@@ -108,13 +108,17 @@ def test_keeps_only_the_last_k_and_leaves_no_temp_files(tmp_path):
     assert torch.load(tmp_path / "checkpoints" / "best.pt", weights_only=True)["model"]["w"] == 3
 
 
-def test_sigterm_checkpoints_exits_cleanly_and_resumes(tiny_shapes, tmp_path):
-    cmd = _cmd(tiny_shapes, tmp_path, "bn")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def test_ctrl_c_checkpoints_exits_cleanly_and_resumes(tiny_shapes, tmp_path):
+    # Ctrl-C reaches the whole foreground process group, loader workers included: it used to end the trainer
+    # mid-step in a KeyboardInterrupt traceback, with the progress since the last checkpoint lost.
+    cmd = _cmd(tiny_shapes, tmp_path, "bn", "data.workers=2")
+    proc = subprocess.Popen(at_a_terminal(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     _wait_for_checkpoint(tmp_path, 3, proc)
-    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     output, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0 and "stop signal" in output
+    assert proc.returncode == 0 and "stop signal 2: checkpoint" in output, output[-3000:]
+    assert "Ctrl-C: finishing this step" in output and "Traceback" not in output and "killed by signal" not in output
     metrics = (next(tmp_path.rglob("metrics.jsonl"))).read_text() if list(tmp_path.rglob("metrics.jsonl")) else ""
     assert '"finished"' not in metrics
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -201,6 +205,43 @@ def test_the_trainers_own_sigterm_still_ends_a_shielded_worker_at_once():
     time.sleep(1)
     with pytest.raises(RuntimeError, match=f"worker \\(pid\\(s\\) {pid}\\) exited unexpectedly"):
         next(batches)  # status 0, as torch's own handler exits on its parent's SIGTERM
+
+
+def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd):
+    stop = StopSignal(announce="Ctrl-C: finishing this step").install()
+    try:
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received == signal.SIGINT
+        assert "Ctrl-C: finishing this step" in capfd.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    stop.forward_to_previous_handler()  # no KeyboardInterrupt after the checkpoint: Python's handler is not a requeue
+
+
+def test_a_torchrun_rank_takes_the_agents_copy_of_a_ctrl_c_as_the_same_stop():
+    stop = StopSignal(second_interrupt_aborts=False).install()
+    try:
+        signal.raise_signal(signal.SIGINT)  # the terminal's
+        signal.raise_signal(signal.SIGINT)  # the agent's, passed on: no KeyboardInterrupt
+        assert stop.received == signal.SIGINT
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    # A shell script's background job gets SIGINT ignored, so that Ctrl-C at the terminal leaves it alone.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop = StopSignal().install()
+        signal.raise_signal(signal.SIGINT)
+        assert stop.received is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stop.uninstall()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_and_ends_the_multirun(tiny_shapes, tmp_path):

@@ -1,5 +1,6 @@
 """`make repro`'s plan (scripts/repro.py): what it runs, in which order, what counts as done, and third seeds."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from .conftest import ROOT, load_script
+from .conftest import ROOT, at_a_terminal, load_script
 
 repro = load_script("repro")
 
@@ -140,24 +141,32 @@ def test_two_lanes_run_the_plan_archive_each_run_and_say_what_is_left(tiny_shape
     assert again.returncode == 0 and "2 planned runs, 2 finished, 0 to run" in again.stdout
 
 
-def test_a_stop_signal_to_the_driver_alone_checkpoints_the_run_in_progress_and_starts_no_other(tiny_shapes, tmp_path):
+@pytest.mark.parametrize("how", ["sigterm to the driver", "ctrl-c at its terminal"])
+def test_a_stop_signal_to_the_driver_checkpoints_the_run_in_progress_and_starts_no_other(tiny_shapes, tmp_path, how):
     # `kill <pid of make repro's driver>`: the lanes' trainers used to train on, orphaned, and a rerun of the plan
-    # then trained the same run dirs beside them.
+    # then trained the same run dirs beside them. Ctrl-C reaches the runs as well as the driver: it used to end
+    # them mid-step while the driver's lanes went on to the next runs.
     tiny = _tiny_runs(tiny_shapes, "schedule.epochs=50", "train.checkpoint_every_steps=1")
     cmd = [sys.executable, "scripts/repro.py", "--only", "real_b2", "--seeds", "0", "--lanes", "1",
            "--output-root", str(tmp_path / "out"), *tiny]
-    driver = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sig = signal.SIGINT if how.startswith("ctrl-c") else signal.SIGTERM
+    driver = subprocess.Popen(at_a_terminal(cmd) if sig == signal.SIGINT else cmd, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 120
     while not list((tmp_path / "out").rglob("checkpoints/step-*.pt")):
         assert driver.poll() is None and time.time() < deadline, "no checkpoint before the stop"
         time.sleep(0.05)
-    driver.send_signal(signal.SIGTERM)
+    if sig == signal.SIGINT:
+        os.killpg(driver.pid, sig)
+    else:
+        driver.send_signal(sig)
     out, err = driver.communicate(timeout=120)
-    assert driver.returncode == 128 + signal.SIGTERM, out + err
-    assert "stopped by signal 15: the runs in progress checkpointed" in err
+    assert driver.returncode == 128 + sig, out + err
+    assert f"stopped by signal {int(sig)}: the runs in progress checkpointed" in err and "Traceback" not in err
     [first] = [line for line in out.splitlines() if " stopped " in line]
     name = first.split(" stopped ")[1].split()[0]
-    assert "stop signal 15: checkpoint" in (tmp_path / "out" / "lanes" / f"{name}.log").read_text()
+    log = (tmp_path / "out" / "lanes" / f"{name}.log").read_text()
+    assert "stop signal" in log and ": checkpoint" in log and "Traceback" not in log, log[-3000:]
     assert [p.name for p in (tmp_path / "out" / "imagenette_cpu").iterdir()] == [name]  # the other never started
 
 

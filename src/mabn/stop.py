@@ -1,5 +1,8 @@
-"""Stop signals: which signals mean "finish the step, checkpoint, exit" (a kill, SLURM preemption or time
-limit), the trainer's flag for them, and the shield that keeps forked loader workers alive through them.
+"""Stop signals: which signals mean "finish the step, checkpoint, exit" (Ctrl-C, a kill, SLURM preemption or
+time limit), the trainer's flag for them, and the shield that keeps forked loader workers alive through them.
+
+Ctrl-C is one of them, once: the first asks for the stop like SIGTERM, the second aborts at once (Python's
+KeyboardInterrupt; checkpoints are atomic). Where SIGINT is ignored (a shell script's background job), it stays so.
 
 SLURM, `timeout` and `kill -- -PGID` signal every process of the job, loader workers included. A worker
 left with the default action dies at once, and its death surfaces in the trainer as "DataLoader worker ...
@@ -16,9 +19,10 @@ from typing import Callable
 
 
 def stop_signals() -> list[signal.Signals]:
-    """SIGTERM, SIGUSR1, and submitit's preemption/time-limit signal: SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL
-    names another (submitit asks SLURM for `--signal=USR2@signal_delay_s`; its local executor sends the same)."""
-    names = ["TERM", "USR1", os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
+    """SIGINT (Ctrl-C), SIGTERM, SIGUSR1, and submitit's preemption/time-limit signal: SIGUSR2 unless
+    SUBMITIT_PREEMPT_SIGNAL names another (submitit asks SLURM for `--signal=USR2@signal_delay_s`; its local
+    executor sends the same)."""
+    names = ["INT", "TERM", "USR1", os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")]
     return list(dict.fromkeys(getattr(signal, f"SIG{name}") for name in names if hasattr(signal, f"SIG{name}")))
 
 
@@ -26,19 +30,31 @@ def stop_signals() -> list[signal.Signals]:
 class StopSignal:
     """Set by a stop signal (`stop_signals`): finish the step, checkpoint, exit cleanly; then
     `forward_to_previous_handler` lets submitit requeue the job. `on_signal(signum)`, if given, runs in the
-    handler once the flag is set (`make repro`'s driver passes the signal on to its runs)."""
+    handler once the flag is set (`make repro`'s driver passes the signal on to its runs); `announce`, if
+    given, is written to stderr at the first Ctrl-C (one line, from the process that speaks for the job).
+    `second_interrupt_aborts=False` where a second SIGINT is no one's second Ctrl-C: torchrun's agent passes
+    the terminal's Ctrl-C on to its ranks, which the terminal's has already reached."""
 
     on_signal: Callable[[int], None] | None = None
+    announce: str | None = None
+    second_interrupt_aborts: bool = True
     received: int | None = None
     previous: dict = field(default_factory=dict)
 
     def install(self) -> "StopSignal":
         for sig in stop_signals():
+            if sig == signal.SIGINT and signal.getsignal(sig) is not signal.default_int_handler:
+                continue  # ignored (a background job) or someone else's: not ours to take
             self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
+        if signum == signal.SIGINT:
+            if self.second_interrupt_aborts:
+                signal.signal(signum, self.previous[signum])  # the next Ctrl-C aborts at once
+            if self.announce:
+                os.write(2, f"\n{self.announce}\n".encode())  # not logging: its lock may be held where we interrupted
         if self.on_signal is not None:
             self.on_signal(signum)
 
@@ -47,8 +63,10 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def forward_to_previous_handler(self) -> None:
-        """After the checkpoint: let a handler installed before ours (submitit's requeue) see the signal."""
-        if self.received is not None and callable(self.previous.get(self.received)):
+        """After the checkpoint: let a handler installed before ours (submitit's requeue) see the signal; not
+        Python's Ctrl-C handler, whose KeyboardInterrupt would end a run that has just stopped cleanly."""
+        handler = self.previous.get(self.received)
+        if callable(handler) and handler is not signal.default_int_handler:
             signal.raise_signal(self.received)
 
 

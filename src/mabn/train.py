@@ -242,7 +242,10 @@ def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
                      "a larger value or null trains on", progress.epoch, cfg.schedule.epochs, pause, run_dir)
         return dict(event="paused", step=progress.step, best_val_top1_err=progress.best_top1_err)
     job.open_logs(progress)
-    stop = StopSignal().install()
+    under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # its agent passes each Ctrl-C on: a second SIGINT
+    stop = StopSignal(announce=None if not info.is_main else "Ctrl-C: finishing this step, then a checkpoint and a "
+                      "clean exit" + ("" if under_torchrun else "; Ctrl-C again aborts at once"),
+                      second_interrupt_aborts=not under_torchrun).install()
     try:
         while progress.epoch < cfg.schedule.epochs:
             started = time.time()
