@@ -207,7 +207,15 @@ def test_the_trainers_own_sigterm_still_ends_a_shielded_worker_at_once():
         next(batches)  # status 0, as torch's own handler exits on its parent's SIGTERM
 
 
-def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd):
+@pytest.fixture
+def python_ctrl_c():
+    """Python's own SIGINT handler in this process, as at a terminal (a CI runner may start pytest with it ignored)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd, python_ctrl_c):
     stop = StopSignal(announce="Ctrl-C: finishing this step").install()
     try:
         signal.raise_signal(signal.SIGINT)
@@ -221,7 +229,7 @@ def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd):
     stop.forward_to_previous_handler()  # no KeyboardInterrupt after the checkpoint: Python's handler is not a requeue
 
 
-def test_a_torchrun_rank_takes_the_agents_copy_of_a_ctrl_c_as_the_same_stop():
+def test_a_torchrun_rank_takes_the_agents_copy_of_a_ctrl_c_as_the_same_stop(python_ctrl_c):
     stop = StopSignal(second_interrupt_aborts=False).install()
     try:
         signal.raise_signal(signal.SIGINT)  # the terminal's
