@@ -251,8 +251,7 @@ def run_lanes(plan: Plan, runs: list[Ranked], lanes: int, threads: int, log_dir:
             # Ctrl-C at a terminal reached the runs too (one process group), and a second SIGINT aborts a run.
             child.send_signal(signal.SIGTERM if signum == signal.SIGINT else signum)
 
-    stop = StopSignal(on_signal=pass_on, announce="Ctrl-C: the runs in progress finish their step, checkpoint and "
-                                                  "exit; Ctrl-C again aborts them at once")
+    stop = StopSignal(on_signal=pass_on, announce="Ctrl-C: the runs in progress finish their step, checkpoint and exit")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     log_dir.mkdir(parents=True, exist_ok=True)
 

@@ -220,7 +220,7 @@ def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd, python_ct
     try:
         signal.raise_signal(signal.SIGINT)
         assert stop.received == signal.SIGINT
-        assert "Ctrl-C: finishing this step" in capfd.readouterr().err
+        assert "Ctrl-C: finishing this step; Ctrl-C again aborts at once" in capfd.readouterr().err
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     finally:

@@ -31,7 +31,8 @@ class StopSignal:
     """Set by a stop signal (`stop_signals`): finish the step, checkpoint, exit cleanly; then
     `forward_to_previous_handler` lets submitit requeue the job. `on_signal(signum)`, if given, runs in the
     handler once the flag is set (`make repro`'s driver passes the signal on to its runs); `announce`, if
-    given, is written to stderr at the first Ctrl-C (one line, from the process that speaks for the job).
+    given, is written to stderr at the first Ctrl-C (one line, from the process that speaks for the job),
+    followed by "; Ctrl-C again aborts at once" where the second one does.
     `second_interrupt_aborts=False` where a second SIGINT is no one's second Ctrl-C: torchrun's agent passes
     the terminal's Ctrl-C on to its ranks, which the terminal's has already reached."""
 
@@ -54,7 +55,8 @@ class StopSignal:
             if self.second_interrupt_aborts:
                 signal.signal(signum, self.previous[signum])  # the next Ctrl-C aborts at once
             if self.announce:
-                os.write(2, f"\n{self.announce}\n".encode())  # not logging: its lock may be held where we interrupted
+                again = "; Ctrl-C again aborts at once" if self.second_interrupt_aborts else ""
+                os.write(2, f"\n{self.announce}{again}\n".encode())  # not logging: its lock may be held here
         if self.on_signal is not None:
             self.on_signal(signum)
 

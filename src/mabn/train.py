@@ -243,9 +243,8 @@ def train_in(cfg: DictConfig, info: DistInfo, run_dir: pathlib.Path) -> dict:
         return dict(event="paused", step=progress.step, best_val_top1_err=progress.best_top1_err)
     job.open_logs(progress)
     under_torchrun = "TORCHELASTIC_RUN_ID" in os.environ  # its agent passes each Ctrl-C on: a second SIGINT
-    stop = StopSignal(announce=None if not info.is_main else "Ctrl-C: finishing this step, then a checkpoint and a "
-                      "clean exit" + ("" if under_torchrun else "; Ctrl-C again aborts at once"),
-                      second_interrupt_aborts=not under_torchrun).install()
+    announce = "Ctrl-C: finishing this step, then a checkpoint and a clean exit" if info.is_main else None
+    stop = StopSignal(announce=announce, second_interrupt_aborts=not under_torchrun).install()
     try:
         while progress.epoch < cfg.schedule.epochs:
             started = time.time()
