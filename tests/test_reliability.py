@@ -229,12 +229,13 @@ def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd, python_ct
     stop.forward_to_previous_handler()  # no KeyboardInterrupt after the checkpoint: Python's handler is not a requeue
 
 
-def test_a_torchrun_rank_takes_the_agents_copy_of_a_ctrl_c_as_the_same_stop(python_ctrl_c):
-    stop = StopSignal(second_interrupt_aborts=False).install()
+def test_a_torchrun_rank_takes_the_agents_copy_of_a_ctrl_c_as_the_same_stop(capfd, python_ctrl_c):
+    stop = StopSignal(announce="Ctrl-C: finishing this step", second_interrupt_aborts=False).install()
     try:
         signal.raise_signal(signal.SIGINT)  # the terminal's
         signal.raise_signal(signal.SIGINT)  # the agent's, passed on: no KeyboardInterrupt
         assert stop.received == signal.SIGINT
+        assert capfd.readouterr().err.count("\nCtrl-C: finishing this step\n") == 1  # once, and no "again aborts"
     finally:
         stop.uninstall()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

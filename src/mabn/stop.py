@@ -50,13 +50,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
         if signum == signal.SIGINT:
             if self.second_interrupt_aborts:
                 signal.signal(signum, self.previous[signum])  # the next Ctrl-C aborts at once
-            if self.announce:
+            if self.announce and self.received != signum:  # once: a torchrun rank also gets its agent's copy
                 again = "; Ctrl-C again aborts at once" if self.second_interrupt_aborts else ""
                 os.write(2, f"\n{self.announce}{again}\n".encode())  # not logging: its lock may be held here
+        self.received = signum
         if self.on_signal is not None:
             self.on_signal(signum)
 
