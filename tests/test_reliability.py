@@ -253,6 +253,20 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
+def test_a_loader_worker_of_a_trainer_that_ignores_ctrl_c_ignores_it_too():
+    # A background job's trainer ignores SIGINT and so do its forked workers; the shield took it anyway, and the
+    # second Ctrl-C at the terminal killed the worker: the trainer failed mid-step ("worker ... exited unexpectedly").
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pid, batches = _worker_pid_and_loader(shield=True)
+        for _ in range(3):
+            _send_from_outside(pid, signal.SIGINT)
+            time.sleep(0.3)
+        assert [int(next(batches)) for _ in range(3)] == [pid] * 3
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_sigterm_to_the_whole_process_group_checkpoints_and_ends_the_multirun(tiny_shapes, tmp_path):
     # SLURM, `timeout` and `kill -- -PGID` signal the loader workers too: they used to die first, the trainer
     # failed mid-step without a checkpoint, and Hydra's multirun went on to its next job.

@@ -78,10 +78,12 @@ def shield_loader_worker(worker_id: int) -> None:
     The stop signals are blocked here and taken by a thread (`sigwaitinfo` tells who sent each): one from
     the parent ends the worker at once with status 0, as torch's own SIGTERM handler in a worker does (the
     loader's and multiprocessing's shutdown); the first from elsewhere (SLURM, `timeout`, a group kill) is
-    absorbed, the next kills it by that signal. Where `sigwaitinfo` is missing (macOS), torch's default stays."""
+    absorbed, the next kills it by that signal. A signal the worker ignores (inherited from a trainer that
+    ignores it) stays ignored. Where `sigwaitinfo` is missing (macOS), torch's default stays."""
     if not hasattr(signal, "sigwaitinfo"):
         return
-    signals = set(stop_signals())
+    # Not one this process ignores (SIGINT in a background job's trainer, inherited): blocked, it would be taken.
+    signals = {sig for sig in stop_signals() if signal.getsignal(sig) is not signal.SIG_IGN}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # threads started from here on inherit the mask
     threading.Thread(target=_take_stop_signals, args=(signals,), name="mabn-stop-shield", daemon=True).start()
 
