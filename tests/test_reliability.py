@@ -443,22 +443,26 @@ def _records(run_dir):
 
 def test_a_finished_run_asked_for_another_schedule_is_refused_and_its_records_kept(tiny_shapes, tmp_path):
     """A run dir holds one run: asking it for other settings (not only another norm) is an error in one line, in a
-    single run before anything is written, in a sweep with the dir's .hydra records put back; listing the key
-    in train.resume_changes continues the run with the change."""
-    first = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed"), capture_output=True, text=True, timeout=300)
+    single run before anything is written; in a sweep before its first job (that job, a new run, trained first), or
+    where the run dir is Hydra's to name as the job starts, at that job with the dir's .hydra records put back;
+    listing the key in train.resume_changes continues the run with the change."""
+    first = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=0"), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
-    run_dir = tmp_path / "train" / "fixed"
+    run_dir = tmp_path / "train" / "0"
     records, metrics = _records(run_dir), (run_dir / "metrics.jsonl").read_bytes()
-    for extra in ([], ["--multirun"]):
-        out = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "schedule.epochs=2", "optim.momentum=0.8")
-                             + extra, capture_output=True, text=True, timeout=300)
+    for extra, job in ((["run_name=0"], ""), (["run_name=new,0", "--multirun"], "the sweep's job run_name=0: "),
+                       (["hydra.sweep.subdir=${hydra.job.num}", "--multirun"], "")):
+        out = subprocess.run(train_command(tiny_shapes, tmp_path, "schedule.epochs=2", "optim.momentum=0.8") + extra,
+                             capture_output=True, text=True, timeout=300)
         assert out.returncode == 2, out.stderr[-2000:]
         errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and "was trained with optim.momentum=0.9, this run asks for optim.momentum=0.8 (and schedule.epochs)" \
-            in errors[0] and "train.resume_changes=[optim.momentum,schedule.epochs]" in errors[0], out.stderr[-2000:]
+        assert len(errors) == 1 and errors[0].startswith(f"error: {job}checkpoint ") and "was trained with " \
+            "optim.momentum=0.9, this run asks for optim.momentum=0.8 (and schedule.epochs)" in errors[0] \
+            and "train.resume_changes=[optim.momentum,schedule.epochs]" in errors[0], out.stderr[-2000:]
         assert _records(run_dir) == records and (run_dir / "metrics.jsonl").read_bytes() == metrics
+        assert not (tmp_path / "train" / "new").exists()
     # settings of how a run executes may change; the ones named in train.resume_changes too
-    more = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=fixed", "schedule.epochs=2", "data.workers=1",
+    more = subprocess.run(train_command(tiny_shapes, tmp_path, "run_name=0", "schedule.epochs=2", "data.workers=1",
                                         "train.log_every=5", "train.resume_changes=[schedule.epochs]", "--multirun"),
                           capture_output=True, text=True, timeout=300)
     assert more.returncode == 0, more.stderr[-2000:]

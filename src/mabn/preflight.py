@@ -2,6 +2,7 @@
 
 Registered as a Hydra callback in configs/train.yaml (`hydra.callbacks.preflight`).
 """
+import copy
 import os
 import pathlib
 import shutil
@@ -10,7 +11,7 @@ import sys
 import torch
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from . import run_lock
 from .batch_stats import select_layers
@@ -75,21 +76,48 @@ def preflight(cfg: DictConfig, output_dir: str, launch: tuple[int, bool] | None 
 
 def check_sweep(config: DictConfig) -> None:
     """The config checks of every job of a sweep, before its first job: a bad value among the swept ones
-    (`data.batch_per_gpu=8,0`) failed only when its job came, after the jobs before it had trained."""
+    (`data.batch_per_gpu=8,0`) failed only when its job came, after the jobs before it had trained. So does the
+    resume check, for each job whose run dir follows from its settings (`sweep_job_run_dir`): a finished run
+    asked for other settings stopped the sweep only when its job came."""
     from hydra import compose
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # its own expansion, so the jobs are Hydra's
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     overrides = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
     swept = {o.get_key_element() for o in overrides if o.is_sweep_override()}
+    launch = sweep_launch(config)
     for batch in BasicSweeper.split_arguments(overrides, None):
         for job in batch:
             try:
-                preflight(compose(config_name=config.hydra.job.config_name, overrides=job), config.hydra.sweep.dir,
-                          sweep_launch(config))
+                composed = compose(config_name=config.hydra.job.config_name, overrides=job, return_hydra_config=True)
+                cfg = copy.deepcopy(composed)
+                with open_dict(cfg):
+                    del cfg["hydra"]  # the job's config as its task function gets it (Hydra's run_job does the same)
+                preflight(cfg, config.hydra.sweep.dir, launch)
+                run_dir = sweep_job_run_dir(composed)
+                if run_dir is not None:
+                    check_resume(cfg, run_dir, launch[0])
             except (ConfigError, DatasetError) as err:
                 values = " ".join(o for o in job if o.split("=", 1)[0] in swept)
                 raise type(err)(f"the sweep's job {values}: {err}" if values else str(err)) from None
+
+
+NAMED_BY = ("output_root", "task_name", "run_name")  # the keys configs/train.yaml names run dirs by
+
+
+def sweep_job_run_dir(job: DictConfig) -> pathlib.Path | None:
+    """The run dir Hydra gives a sweep's job (`hydra.sweep.dir`/`hydra.sweep.subdir` of the job's config, composed
+    with the Hydra node), where it follows from the job's own settings, as the default
+    `${output_root}/${task_name}/${run_name}` does; None where it names what Hydra sets only as the job starts
+    (`${hydra.job.num}`, `${hydra:job.override_dirname}`): that job is checked when it starts."""
+    raw = OmegaConf.to_container(job, resolve=False)
+    texts = (raw["hydra"]["sweep"]["dir"], raw["hydra"]["sweep"]["subdir"], *(raw.get(key) for key in NAMED_BY))
+    if any("${hydra" in str(text) for text in texts):  # ${hydra.job.num}, ${hydra:job.override_dirname}
+        return None
+    try:
+        return pathlib.Path(str(job.hydra.sweep.dir), str(job.hydra.sweep.subdir))
+    except Exception:  # noqa: BLE001 - an interpolation that does not resolve here: Hydra's to report at the job
+        return None
 
 
 def sweep_launch(config: DictConfig) -> tuple[int, bool]:
@@ -137,10 +165,11 @@ class Preflight(Callback):
     """Single run: every check, the run dir's lock and the resume check included, before Hydra writes the run
     dir's `.hydra/`.
 
-    Multirun: the config checks before the sweep starts; the lock and resume checks of each job can only run once
-    Hydra has written that job's `.hydra/` (no callback comes earlier), so the run dirs' records are read
-    at the sweep's start and a job that fails the check puts its dir's back before it exits (jobs that a
-    launcher runs in other processes, submitit's, still fail the check but cannot restore the records).
+    Multirun: the config checks, and the resume check of each job whose run dir follows from its settings, before
+    the sweep starts; the lock and resume checks of each job run again once Hydra has written that job's `.hydra/`
+    (no callback comes earlier; a run dir may have changed meanwhile, or be the launcher's to name), so the run
+    dirs' records are read at the sweep's start and a job that fails the check puts its dir's back before it exits
+    (jobs that a launcher runs in other processes, submitit's, still fail the check but cannot restore the records).
     """
 
     def __init__(self) -> None:
