@@ -215,6 +215,15 @@ def python_ctrl_c():
     signal.signal(signal.SIGINT, previous)
 
 
+@pytest.fixture
+def ignored_ctrl_c():
+    """SIGINT ignored in this process, as a shell script's background job gets it (Ctrl-C at the terminal leaves it
+    alone); forked loader workers inherit it."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def test_the_first_ctrl_c_asks_for_a_stop_and_the_second_aborts(capfd, python_ctrl_c):
     stop = StopSignal(announce="Ctrl-C: finishing this step").install()
     try:
@@ -241,30 +250,21 @@ def test_a_torchrun_rank_takes_the_agents_copy_of_a_ctrl_c_as_the_same_stop(capf
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_an_ignored_ctrl_c_stays_ignored():
-    # A shell script's background job gets SIGINT ignored, so that Ctrl-C at the terminal leaves it alone.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        stop = StopSignal().install()
-        signal.raise_signal(signal.SIGINT)
-        assert stop.received is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-        stop.uninstall()
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def test_an_ignored_ctrl_c_stays_ignored(ignored_ctrl_c):
+    stop = StopSignal().install()
+    signal.raise_signal(signal.SIGINT)
+    assert stop.received is None and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    stop.uninstall()
 
 
-def test_a_loader_worker_of_a_trainer_that_ignores_ctrl_c_ignores_it_too():
-    # A background job's trainer ignores SIGINT and so do its forked workers; the shield took it anyway, and the
-    # second Ctrl-C at the terminal killed the worker: the trainer failed mid-step ("worker ... exited unexpectedly").
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        pid, batches = _worker_pid_and_loader(shield=True)
-        for _ in range(3):
-            _send_from_outside(pid, signal.SIGINT)
-            time.sleep(0.3)
-        assert [int(next(batches)) for _ in range(3)] == [pid] * 3
-    finally:
-        signal.signal(signal.SIGINT, previous)
+def test_a_loader_worker_of_a_trainer_that_ignores_ctrl_c_ignores_it_too(ignored_ctrl_c):
+    # The shield took the inherited ignored SIGINT anyway, and the second Ctrl-C at the terminal killed the worker:
+    # the trainer failed mid-step ("worker ... exited unexpectedly").
+    pid, batches = _worker_pid_and_loader(shield=True)
+    for _ in range(3):
+        _send_from_outside(pid, signal.SIGINT)
+        time.sleep(0.3)
+    assert [int(next(batches)) for _ in range(3)] == [pid] * 3
 
 
 def test_sigterm_to_the_whole_process_group_checkpoints_and_ends_the_multirun(tiny_shapes, tmp_path):
